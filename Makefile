@@ -1,0 +1,37 @@
+# Two commands do everything: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+BUILD_DEPS  := scikit-build-core pybind11 pip
+# the pip build directory (persistent, incremental): build/<wheel tag>
+BUILD_DIR    = $(shell ls -d build/cp*/ 2>/dev/null | head -n 1)
+JOBS        ?= $(shell nproc)
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
+
+.PHONY: install demo test upstream-tools bench cuda clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade $(BUILD_DEPS)
+
+# editable install; re-run after changing C++ (the build dir is reused, so it is incremental)
+install: $(PY)
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]' \
+	    -Ccmake.define.PYLLAMA_UPSTREAM_TOOLS=ON
+
+# upstream's own llama-completion and llama-bench, from the same vendored tree and flags
+upstream-tools: install
+	cmake --build $(BUILD_DIR) --target llama-completion llama-bench
+	mkdir -p build/bin && cp $(BUILD_DIR)/bin/llama-completion $(BUILD_DIR)/bin/llama-bench build/bin/
+
+demo: install
+	$(PY) -m pyllama_inf.cli demo
+
+test: upstream-tools
+	$(PY) -m pytest -q
+
+bench: upstream-tools
+	$(PY) benchmarks/overhead.py --out benchmarks/results
+
+clean:
+	rm -rf build $(VENV) vendor

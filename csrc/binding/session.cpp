@@ -1,0 +1,471 @@
+// A loaded model with one context: tokenize, evaluate, sample and generate.
+//
+// Every call that can take long releases the GIL; it takes it back only to call a Python
+// callback or to check for Ctrl-C (once per generated token or per prompt chunk).
+// Arguments are validated here before they reach llama.cpp, so a bad value raises a
+// Python exception instead of tripping a GGML_ASSERT. Defaults and policy (stop strings,
+// text decoding, streaming) live in the Python layer.
+
+#include "binding.h"
+#include "errors.h"
+
+#include "llama-cpp.h"
+#include "llama-ext.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+double seconds_since(clock_type::time_point t0) {
+    return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+struct session_params {
+    std::string path;
+    int32_t  n_gpu_layers = 0;
+    uint32_t n_ctx        = 4096;
+    uint32_t n_batch      = 2048;
+    uint32_t n_ubatch     = 512;
+    int32_t  n_threads    = 1;
+    int32_t  flash_attn   = -1;   // -1 auto, 0 off, 1 on
+};
+
+struct sampling_params {
+    int32_t  max_tokens  = 128;
+    float    temperature = 0.8f;
+    int32_t  top_k       = 40;
+    float    top_p       = 0.95f;
+    float    min_p       = 0.05f;
+    uint32_t seed        = LLAMA_DEFAULT_SEED;
+};
+
+struct generation_output {
+    std::vector<llama_token> tokens;
+    std::string finish_reason;     // "stop" or "length"
+    int32_t n_prompt_tokens = 0;
+    int32_t n_decoded       = 0;   // single-token llama_decode calls
+    double  t_prefill_s     = 0.0;
+    double  t_decode_s      = 0.0;
+};
+
+struct kv_buffer {
+    std::string name;
+    bool        is_host;
+    size_t      bytes;
+};
+
+struct kv_info {
+    int32_t n_tokens = 0;
+    std::vector<kv_buffer> buffers;
+};
+
+// Takes the GIL, runs fn (which may call into Python), then raises KeyboardInterrupt (or
+// whatever a signal handler raised) if a signal arrived.
+template <typename F>
+void with_gil_and_signals(F && fn) {
+    py::gil_scoped_acquire gil;
+    fn();
+    if (PyErr_CheckSignals() != 0) {
+        throw py::error_already_set();
+    }
+}
+
+class session {
+public:
+    explicit session(const session_params & params);
+
+    void close() {
+        batch_free();
+        ctx.reset();
+        model.reset();
+    }
+
+    bool closed() const { return ctx == nullptr; }
+
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    py::bytes token_piece(llama_token token) const;
+    py::bytes detokenize(const std::vector<llama_token> & tokens, bool remove_special) const;
+
+    py::array_t<float> eval(const std::vector<llama_token> & tokens, int32_t last_n, int32_t chunk);
+
+    generation_output generate(const std::vector<llama_token> & prompt, const sampling_params & sp,
+                               py::object on_token, py::object on_progress);
+
+    kv_info kv() const;
+
+    int32_t n_vocab()     const { return llama_vocab_n_tokens(vocab()); }
+    int32_t n_ctx()       const { return (int32_t) llama_n_ctx(ctx_checked()); }
+    int32_t n_ctx_train() const { return llama_model_n_ctx_train(model_checked()); }
+    int32_t n_ubatch()    const { return (int32_t) llama_n_ubatch(ctx_checked()); }
+    int32_t n_batch()     const { return (int32_t) llama_n_batch(ctx_checked()); }
+    std::string desc() const {
+        char buf[256];
+        llama_model_desc(model_checked(), buf, sizeof(buf));
+        return buf;
+    }
+
+    ~session() { close(); }
+
+private:
+    llama_model_ptr   model;
+    llama_context_ptr ctx;
+    llama_batch       batch{};
+    bool              batch_owned = false;
+
+    const llama_model * model_checked() const {
+        if (!model) {
+            throw pyllama_error("the model is closed");
+        }
+        return model.get();
+    }
+
+    llama_context * ctx_checked() const {
+        if (!ctx) {
+            throw pyllama_error("the model is closed");
+        }
+        return ctx.get();
+    }
+
+    const llama_vocab * vocab() const { return llama_model_get_vocab(model_checked()); }
+
+    void batch_free() {
+        if (batch_owned) {
+            llama_batch_free(batch);
+            batch_owned = false;
+        }
+    }
+
+    void check_tokens(const std::vector<llama_token> & tokens) const;
+
+    // evaluates tokens[begin, end) at positions pos0.., logits for those with index >= out_from
+    void decode_range(const std::vector<llama_token> & tokens, size_t begin, size_t end, llama_pos pos0, size_t out_from);
+
+    // evaluates all tokens from an empty context in chunks of `chunk`, calling
+    // on_chunk(done) after each chunk with the GIL held
+    template <typename F>
+    void evaluate_from_empty(const std::vector<llama_token> & tokens, size_t chunk, size_t out_from, F && on_chunk);
+};
+
+session::session(const session_params & params) {
+    if (params.n_ctx == 0 || params.n_batch == 0 || params.n_ubatch == 0 || params.n_threads <= 0) {
+        throw py::value_error("n_ctx, n_batch, n_ubatch and n_threads must be positive");
+    }
+    {
+        py::gil_scoped_release nogil;
+
+        llama_model_params mparams = llama_model_default_params();
+        mparams.n_gpu_layers = params.n_gpu_layers;
+        model.reset(llama_model_load_from_file(params.path.c_str(), mparams));
+        if (!model) {
+            throw model_load_error("llama.cpp could not load the model from '" + params.path +
+                                   "' (see the pyllama_inf log for the reason)");
+        }
+
+        llama_context_params cparams = llama_context_default_params();
+        cparams.n_ctx           = params.n_ctx;
+        cparams.n_batch         = params.n_batch;
+        cparams.n_ubatch        = params.n_ubatch;
+        cparams.n_seq_max       = 1;
+        cparams.n_threads       = params.n_threads;
+        cparams.n_threads_batch = params.n_threads;
+        cparams.flash_attn_type = (llama_flash_attn_type) params.flash_attn;
+        cparams.no_perf         = true;
+        ctx.reset(llama_init_from_model(model.get(), cparams));
+        if (!ctx) {
+            model.reset();
+            throw model_load_error("llama.cpp could not create a context for '" + params.path +
+                                   "' (see the pyllama_inf log for the reason)");
+        }
+        batch       = llama_batch_init((int32_t) llama_n_batch(ctx.get()), 0, 1);
+        batch_owned = true;
+    }
+}
+
+std::vector<llama_token> session::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    const llama_vocab * v = vocab();
+    if (text.size() > (size_t) INT32_MAX / 2) {
+        throw py::value_error("text is too long to tokenize");
+    }
+    std::vector<llama_token> out(text.size() + 2);
+    int32_t n = llama_tokenize(v, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special, parse_special);
+    if (n < 0) {
+        out.resize(-n);
+        n = llama_tokenize(v, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special, parse_special);
+    }
+    if (n < 0) {
+        throw pyllama_error("tokenization failed");
+    }
+    out.resize(n);
+    return out;
+}
+
+py::bytes session::token_piece(llama_token token) const {
+    check_tokens({token});
+    char buf[256];
+    int32_t n = llama_token_to_piece(vocab(), token, buf, sizeof(buf), 0, false);
+    if (n < 0) {
+        std::string big(-n, '\0');
+        n = llama_token_to_piece(vocab(), token, big.data(), (int32_t) big.size(), 0, false);
+        return py::bytes(big.data(), std::max(n, 0));
+    }
+    return py::bytes(buf, n);
+}
+
+py::bytes session::detokenize(const std::vector<llama_token> & tokens, bool remove_special) const {
+    check_tokens(tokens);
+    std::string out(tokens.size() * 8 + 16, '\0');
+    int32_t n = llama_detokenize(vocab(), tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(), remove_special, false);
+    if (n < 0) {
+        out.resize(-n);
+        n = llama_detokenize(vocab(), tokens.data(), (int32_t) tokens.size(), out.data(), (int32_t) out.size(), remove_special, false);
+    }
+    if (n < 0) {
+        throw pyllama_error("detokenization failed");
+    }
+    return py::bytes(out.data(), n);
+}
+
+void session::check_tokens(const std::vector<llama_token> & tokens) const {
+    const int32_t nv = n_vocab();
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        if (tokens[i] < 0 || tokens[i] >= nv) {
+            throw py::value_error("token " + std::to_string(i) + " has id " + std::to_string(tokens[i]) +
+                                  ", outside the vocabulary [0, " + std::to_string(nv) + ")");
+        }
+    }
+}
+
+void session::decode_range(const std::vector<llama_token> & tokens, size_t begin, size_t end, llama_pos pos0, size_t out_from) {
+    batch.n_tokens = (int32_t) (end - begin);
+    for (size_t i = begin; i < end; ++i) {
+        const int32_t j = (int32_t) (i - begin);
+        batch.token   [j]    = tokens[i];
+        batch.pos     [j]    = pos0 + j;
+        batch.n_seq_id[j]    = 1;
+        batch.seq_id  [j][0] = 0;
+        batch.logits  [j]    = i >= out_from;
+    }
+    const int32_t rc = llama_decode(ctx.get(), batch);
+    if (rc == 1) {
+        throw context_full_error("no room left in the KV cache (n_ctx = " + std::to_string(n_ctx()) + ")");
+    }
+    if (rc != 0) {
+        throw decode_error("llama_decode failed with code " + std::to_string(rc));
+    }
+}
+
+template <typename F>
+void session::evaluate_from_empty(const std::vector<llama_token> & tokens, size_t chunk, size_t out_from, F && on_chunk) {
+    llama_memory_clear(llama_get_memory(ctx.get()), true);
+    for (size_t begin = 0; begin < tokens.size(); begin += chunk) {
+        const size_t end = std::min(tokens.size(), begin + chunk);
+        decode_range(tokens, begin, end, (llama_pos) begin, out_from);
+        on_chunk(begin, end);
+    }
+}
+
+py::array_t<float> session::eval(const std::vector<llama_token> & tokens, int32_t last_n, int32_t chunk) {
+    ctx_checked();
+    check_tokens(tokens);
+    const size_t n = tokens.size();
+    if (n == 0) {
+        throw py::value_error("tokens must not be empty");
+    }
+    if (n > (size_t) n_ctx()) {
+        throw context_full_error(std::to_string(n) + " tokens do not fit into n_ctx = " + std::to_string(n_ctx()));
+    }
+    if (last_n <= 0 || (size_t) last_n > n) {
+        throw py::value_error("last_n must be in [1, " + std::to_string(n) + "], got " + std::to_string(last_n));
+    }
+    if (chunk <= 0 || chunk > n_ubatch()) {
+        throw py::value_error("chunk must be in [1, n_ubatch = " + std::to_string(n_ubatch()) + "]");
+    }
+    const size_t nv       = (size_t) n_vocab();
+    const size_t out_from = n - (size_t) last_n;
+    std::vector<float> out((size_t) last_n * nv);
+    {
+        py::gil_scoped_release nogil;
+        evaluate_from_empty(tokens, (size_t) chunk, out_from, [&](size_t begin, size_t end) {
+            for (size_t i = std::max(begin, out_from); i < end; ++i) {
+                const float * row = llama_get_logits_ith(ctx.get(), (int32_t) (i - begin));
+                std::memcpy(out.data() + (i - out_from) * nv, row, nv * sizeof(float));
+            }
+            with_gil_and_signals([] {});
+        });
+    }
+    py::array_t<float> arr({(py::ssize_t) last_n, (py::ssize_t) nv});
+    std::memcpy(arr.mutable_data(), out.data(), out.size() * sizeof(float));
+    return arr;
+}
+
+llama_sampler_ptr make_sampler(const sampling_params & sp) {
+    llama_sampler_chain_params cp = llama_sampler_chain_default_params();
+    cp.no_perf = true;
+    llama_sampler_ptr chain(llama_sampler_chain_init(cp));
+    if (sp.temperature <= 0.0f) {
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+        return chain;
+    }
+    if (sp.top_k > 0) {
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_top_k(sp.top_k));
+    }
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_top_p(sp.top_p, 1));
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_min_p(sp.min_p, 1));
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_temp(sp.temperature));
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_dist(sp.seed));
+    return chain;
+}
+
+generation_output session::generate(const std::vector<llama_token> & prompt, const sampling_params & sp,
+                                    py::object on_token, py::object on_progress) {
+    ctx_checked();
+    check_tokens(prompt);
+    if (prompt.empty()) {
+        throw py::value_error("the prompt has no tokens");
+    }
+    if (prompt.size() > (size_t) n_ctx()) {
+        throw context_full_error("the prompt has " + std::to_string(prompt.size()) +
+                                 " tokens, more than n_ctx = " + std::to_string(n_ctx()));
+    }
+    if (sp.max_tokens < 0) {
+        throw py::value_error("max_tokens must be >= 0");
+    }
+    llama_sampler_ptr smpl = make_sampler(sp);
+    const llama_vocab * v = vocab();
+
+    generation_output out;
+    out.n_prompt_tokens = (int32_t) prompt.size();
+    out.finish_reason   = "length";
+    {
+        py::gil_scoped_release nogil;
+
+        const auto t0 = clock_type::now();
+        evaluate_from_empty(prompt, (size_t) n_ubatch(), prompt.size() - 1, [&](size_t, size_t end) {
+            with_gil_and_signals([&] {
+                if (!on_progress.is_none()) {
+                    on_progress(end, prompt.size());
+                }
+            });
+        });
+        out.t_prefill_s = seconds_since(t0);
+
+        const auto t1 = clock_type::now();
+        llama_pos n_past = (llama_pos) prompt.size();
+        std::vector<llama_token> one(1);
+        for (int32_t i = 0; i < sp.max_tokens; ++i) {
+            const llama_token tok = llama_sampler_sample(smpl.get(), ctx.get(), -1);
+            if (llama_vocab_is_eog(v, tok)) {
+                out.finish_reason = "stop";
+                break;
+            }
+            out.tokens.push_back(tok);
+            bool keep_going = true;
+            with_gil_and_signals([&] {
+                if (!on_token.is_none()) {
+                    keep_going = on_token(tok, token_piece(tok)).cast<bool>();
+                }
+            });
+            if (!keep_going) {
+                out.finish_reason = "stop";
+                break;
+            }
+            if (i + 1 == sp.max_tokens || n_past >= n_ctx()) {
+                break;   // "length": the budget or the context is used up
+            }
+            one[0] = tok;
+            decode_range(one, 0, 1, n_past, 0);
+            n_past++;
+            out.n_decoded++;
+        }
+        out.t_decode_s = seconds_since(t1);
+    }
+    return out;
+}
+
+kv_info session::kv() const {
+    llama_context * c = ctx_checked();
+    kv_info info;
+    info.n_tokens = llama_memory_seq_pos_max(llama_get_memory(c), 0) + 1;
+    for (const auto & [buft, mb] : llama_get_memory_breakdown(c)) {
+        if (mb.context > 0) {
+            info.buffers.push_back({ggml_backend_buft_name(buft), ggml_backend_buft_is_host(buft), mb.context});
+        }
+    }
+    return info;
+}
+
+} // namespace
+
+void register_session(py::module_ & m) {
+    py::class_<session_params>(m, "SessionParams", "Options for loading a model and creating its context.")
+        .def(py::init<>())
+        .def_readwrite("path",         &session_params::path)
+        .def_readwrite("n_gpu_layers", &session_params::n_gpu_layers)
+        .def_readwrite("n_ctx",        &session_params::n_ctx)
+        .def_readwrite("n_batch",      &session_params::n_batch)
+        .def_readwrite("n_ubatch",     &session_params::n_ubatch)
+        .def_readwrite("n_threads",    &session_params::n_threads)
+        .def_readwrite("flash_attn",   &session_params::flash_attn, "-1 auto, 0 off, 1 on");
+
+    py::class_<sampling_params>(m, "SamplingParams", "Options for one generation.")
+        .def(py::init<>())
+        .def_readwrite("max_tokens",  &sampling_params::max_tokens)
+        .def_readwrite("temperature", &sampling_params::temperature, "0 means greedy")
+        .def_readwrite("top_k",       &sampling_params::top_k)
+        .def_readwrite("top_p",       &sampling_params::top_p)
+        .def_readwrite("min_p",       &sampling_params::min_p)
+        .def_readwrite("seed",        &sampling_params::seed);
+
+    py::class_<generation_output>(m, "GenerationOutput", "Raw result of Session.generate.")
+        .def_readonly("tokens",          &generation_output::tokens)
+        .def_readonly("finish_reason",   &generation_output::finish_reason)
+        .def_readonly("n_prompt_tokens", &generation_output::n_prompt_tokens)
+        .def_readonly("n_decoded",       &generation_output::n_decoded)
+        .def_readonly("t_prefill_s",     &generation_output::t_prefill_s)
+        .def_readonly("t_decode_s",      &generation_output::t_decode_s);
+
+    py::class_<kv_buffer>(m, "KVBuffer", "Bytes of KV cache held in one buffer type.")
+        .def_readonly("name",    &kv_buffer::name)
+        .def_readonly("is_host", &kv_buffer::is_host)
+        .def_readonly("bytes",   &kv_buffer::bytes);
+
+    py::class_<kv_info>(m, "KVInfo", "Raw KV cache state.")
+        .def_readonly("n_tokens", &kv_info::n_tokens)
+        .def_readonly("buffers",  &kv_info::buffers);
+
+    py::class_<session>(m, "Session", "A loaded model with one llama.cpp context.")
+        .def(py::init<const session_params &>(), py::arg("params"),
+             "Load the model and create its context (releases the GIL).")
+        .def("close", &session::close, py::call_guard<py::gil_scoped_release>(),
+             "Free the context and the model; safe to call twice.")
+        .def_property_readonly("closed", &session::closed)
+        .def("tokenize", &session::tokenize, py::arg("text"), py::kw_only(),
+             py::arg("add_special"), py::arg("parse_special"),
+             "UTF-8 bytes -> token ids.")
+        .def("token_piece", &session::token_piece, py::arg("token"),
+             "The bytes one token stands for (special tokens render empty).")
+        .def("detokenize", &session::detokenize, py::arg("tokens"), py::kw_only(), py::arg("remove_special"),
+             "Token ids -> UTF-8 bytes.")
+        .def("eval", &session::eval, py::arg("tokens"), py::kw_only(), py::arg("last_n"), py::arg("chunk"),
+             "Logits [last_n, n_vocab] of tokens evaluated from an empty context in chunks of `chunk`.")
+        .def("generate", &session::generate, py::arg("prompt"), py::kw_only(), py::arg("sampling"),
+             py::arg("on_token") = py::none(), py::arg("on_progress") = py::none(),
+             "Evaluate the prompt, then sample until EOG, max_tokens, a full context or on_token(token, piece)\n"
+             "returning False. on_progress(done, total) follows the prompt evaluation. Releases the GIL.")
+        .def("kv", &session::kv, "KV cache token count and bytes per buffer type.")
+        .def_property_readonly("n_vocab",     &session::n_vocab)
+        .def_property_readonly("n_ctx",       &session::n_ctx)
+        .def_property_readonly("n_ctx_train", &session::n_ctx_train)
+        .def_property_readonly("n_batch",     &session::n_batch)
+        .def_property_readonly("n_ubatch",    &session::n_ubatch)
+        .def_property_readonly("desc",        &session::desc);
+}

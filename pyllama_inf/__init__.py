@@ -1,0 +1,26 @@
+"""pyllama-inf: GGUF models on contexts longer than device memory allows.
+
+Quick start::
+
+    import pyllama_inf as pi
+    with pi.Model("model.gguf", n_ctx=8192) as m:
+        print(m.generate("The capital of France is", max_tokens=16, temperature=0).text)
+"""
+
+from . import _core, _log
+from ._model import GenerationResult, KVStats, Model, TextStream, Timings
+from .config import InfLLMConfig, parse_bytes
+from .errors import (ContextFullError, DecodeError, ModelClosedError, ModelLoadError, PyllamaError,
+                     UnsupportedError)
+from .gguf_info import ModelInfo, inspect
+
+__version__ = "0.1.0"
+UPSTREAM_COMMIT = _core.upstream_commit
+
+_log.install()
+
+__all__ = [
+    "Model", "GenerationResult", "KVStats", "TextStream", "Timings", "InfLLMConfig", "parse_bytes",
+    "inspect", "ModelInfo", "PyllamaError", "ModelLoadError", "ContextFullError", "DecodeError",
+    "ModelClosedError", "UnsupportedError", "UPSTREAM_COMMIT",
+]

@@ -1,0 +1,457 @@
+"""The public ``Model``: load a GGUF model, generate text, evaluate logits, read KV stats."""
+
+from __future__ import annotations
+
+import operator
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .config import InfLLMConfig, parse_bytes
+from .errors import ModelClosedError, UnsupportedError
+from .gguf_info import check_gguf
+from ._text import TextAssembler
+
+KV_MODES = ("full", "infllm")
+_MAX_SEED = 2**32 - 2          # 2**32 - 1 is llama.cpp's "random seed" marker
+_MAX_CTX = 1 << 30
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock timings of one generation.
+
+    prefill_s covers the prompt evaluation (up to the first logits); decode_s covers
+    sampling and the single-token evaluations after it; decode_tokens is the number of
+    those evaluations.
+    """
+
+    prompt_tokens: int
+    prefill_s: float
+    decode_tokens: int
+    decode_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prompt tokens evaluated per second."""
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens decoded per second (NaN when nothing was decoded)."""
+        return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What ``Model.generate`` returns.
+
+    text: the generated text (cut before a stop string when one was hit).
+    tokens: the generated token ids (end-of-generation tokens excluded).
+    n_prompt_tokens: tokens in the evaluated prompt.
+    finish_reason: ``"stop"`` (end-of-generation token or stop string) or ``"length"``
+        (max_tokens reached or the context is full).
+    timings: see :class:`Timings`.
+    """
+
+    text: str
+    tokens: List[int]
+    n_prompt_tokens: int
+    finish_reason: str
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """State of the KV cache.
+
+    kv: the cache type (``"full"`` is llama.cpp's stock cache).
+    n_tokens: tokens currently held.
+    n_ctx: context size in tokens.
+    device_bytes: KV bytes in the compute backend's buffers (for a CPU-only build that
+        backend is the CPU and the bytes are in system RAM). The stock cache allocates
+        all of n_ctx up front.
+    host_bytes: KV bytes in the host store tier (0 for the stock cache, which has none).
+    budget_bytes: the device byte budget, None when unbounded.
+    buffers: bytes per llama.cpp buffer type name.
+    """
+
+    kv: str
+    n_tokens: int
+    n_ctx: int
+    device_bytes: int
+    host_bytes: int
+    budget_bytes: Optional[int]
+    buffers: Dict[str, int] = field(default_factory=dict)
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _check_float(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    value = float(value)
+    ok = (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
+    return value
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"model path is a directory, not a GGUF file: {path}")
+    return path
+
+
+def _check_stop(stop) -> tuple:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError("stop must be a str or a list of str")
+    if any(s == "" for s in stop):
+        raise ValueError("stop strings must not be empty")
+    return tuple(stop)
+
+
+def _encode(text, name: str) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, not {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text: {e.reason} at index {e.start}") from None
+
+
+class Model:
+    """A GGUF model loaded with llama.cpp, with one context of ``n_ctx`` tokens.
+
+    Arguments follow llama.cpp / llama-cpp-python where they overlap:
+
+    path: the GGUF file.
+    n_ctx: context size in tokens.
+    n_threads: CPU threads (default: all CPUs this process may use).
+    n_gpu_layers: layers offloaded to the GPU (-1: all) on a GPU build.
+    n_batch: most tokens handed to llama.cpp at once; n_ubatch: tokens per compute step
+        (the prompt is evaluated in n_ubatch chunks).
+    flash_attn: True / False, or None to let llama.cpp decide.
+    kv: ``"full"`` is llama.cpp's stock KV cache; ``"infllm"`` (block-retrieval cache) is not
+        available in this version and raises ``UnsupportedError``.
+    kv_budget: device byte budget of the KV cache (int or "256MiB"); only with kv="infllm".
+    infllm: an :class:`InfLLMConfig`; only with kv="infllm".
+    seed: default sampling seed (None: a random one per generation).
+
+    Use as a context manager or call :meth:`close`; using the model after close raises
+    ``ModelClosedError``. Calls from several threads are serialised.
+    """
+
+    def __init__(self, path, *, n_ctx: int = 4096, n_threads: Optional[int] = None,
+                 n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
+                 flash_attn: Optional[bool] = None, kv: str = "full",
+                 kv_budget: Union[int, str, None] = None, infllm: Optional[InfLLMConfig] = None,
+                 seed: Optional[int] = None) -> None:
+        self._session = None
+        self._lock = threading.RLock()
+        path = _check_path(path)
+        params = _core.SessionParams()
+        params.path = path
+        params.n_ctx = _check_int("n_ctx", n_ctx, 1, _MAX_CTX)
+        params.n_batch = _check_int("n_batch", n_batch, 1, _MAX_CTX)
+        params.n_ubatch = _check_int("n_ubatch", n_ubatch, 1, params.n_batch)
+        params.n_threads = _check_int("n_threads", _default_threads() if n_threads is None else n_threads, 1, 1024)
+        params.n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1, 1 << 16)
+        if flash_attn is not None and not isinstance(flash_attn, bool):
+            raise TypeError("flash_attn must be True, False or None")
+        params.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        if kv not in KV_MODES:
+            raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
+        budget = parse_bytes(kv_budget, name="kv_budget")
+        if infllm is not None and not isinstance(infllm, InfLLMConfig):
+            raise TypeError(f"infllm must be an InfLLMConfig, not {type(infllm).__name__}")
+        if kv == "full" and (budget is not None or infllm is not None):
+            raise ValueError("kv_budget and infllm apply to kv='infllm' only; the stock cache "
+                             "(kv='full') keeps the whole context")
+        if kv == "infllm":
+            raise UnsupportedError("kv='infllm' is not available in this version of pyllama-inf yet; "
+                                   "use kv='full'")
+        self._seed = None if seed is None else _check_int("seed", seed, 0, _MAX_SEED)
+        self.kv = kv
+        self.kv_budget = budget
+        self.path = path
+        check_gguf(path)
+        self._session = _core.Session(params)
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the model and its context. Safe to call more than once."""
+        with self._lock:
+            session, self._session = self._session, None
+            if session is not None:
+                session.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._session is None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # a safety net only: close() or the context manager is the way to free a model
+        if getattr(self, "_session", None) is not None:
+            self.close()
+
+    def _s(self):
+        session = self._session
+        if session is None:
+            raise ModelClosedError("the model is closed")
+        return session
+
+    # -- properties --------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        """Context size in tokens."""
+        return self._s().n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size."""
+        return self._s().n_vocab
+
+    @property
+    def n_ctx_train(self) -> int:
+        """Context length the model was trained with."""
+        return self._s().n_ctx_train
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> List[int]:
+        """Text -> token ids. add_special adds BOS/EOS as the model asks; parse_special
+        turns special-token text (e.g. ``<|im_start|>``) into those tokens."""
+        data = _encode(text, "text")
+        with self._lock:
+            return self._s().tokenize(data, add_special=bool(add_special), parse_special=bool(parse_special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids -> text (BOS/EOS removed; invalid UTF-8 replaced)."""
+        ids = self._token_list(tokens, allow_empty=True)
+        with self._lock:
+            return self._s().detokenize(ids, remove_special=True).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _token_list(tokens, *, allow_empty: bool = False) -> List[int]:
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise TypeError("tokens must be a sequence of ints")
+        ids = []
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool):
+                raise TypeError(f"token {i} is a bool, not an int")
+            try:
+                ids.append(operator.index(t))
+            except TypeError:
+                raise TypeError(f"token {i} must be an int, not {type(t).__name__}") from None
+            if not -2**31 <= ids[-1] < 2**31:
+                raise ValueError(f"token {i} has id {ids[-1]}, outside the vocabulary")
+        if not ids and not allow_empty:
+            raise ValueError("tokens must not be empty")
+        return ids
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def logits(self, tokens: Sequence[int], *, last_n: Optional[int] = None) -> np.ndarray:
+        """Logits of the last ``last_n`` positions (all when None) as float32 ``[n, n_vocab]``.
+
+        The tokens are evaluated from an empty context in n_ubatch chunks (teacher
+        forcing): row i holds the distribution over the token that follows position
+        ``len(tokens) - last_n + i``.
+        """
+        ids = self._token_list(tokens)
+        n = len(ids) if last_n is None else _check_int("last_n", last_n, 1, len(ids))
+        with self._lock:
+            s = self._s()
+            return s.eval(ids, last_n=n, chunk=s.n_ubatch)
+
+    def generate(self, prompt: str, *, max_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+                 stream: bool = False,
+                 progress: Union[bool, Callable[[int, int], None]] = False
+                 ) -> Union[GenerationResult, "TextStream"]:
+        """Generate text after ``prompt``; the context starts empty each time.
+
+        temperature 0 is greedy decoding; otherwise top_k (0 = off), top_p and min_p filter
+        the distribution before sampling with ``seed`` (default: the model's seed, else
+        random). Generation ends at an end-of-generation token, after ``max_tokens``, when
+        the context is full, or where a ``stop`` string appears (the text is cut before it).
+
+        With ``stream=True`` the result is an iterator of text pieces (about one per token);
+        its ``result`` attribute holds the :class:`GenerationResult` once it is exhausted.
+        ``progress`` shows a progress bar over the prompt evaluation (True) or is called as
+        ``progress(done_tokens, total_tokens)`` after each chunk.
+
+        Raises ContextFullError when the prompt does not fit into n_ctx.
+        """
+        data = _encode(prompt, "prompt")
+        sp = _core.SamplingParams()
+        sp.max_tokens = _check_int("max_tokens", max_tokens, 0, _MAX_CTX)
+        sp.temperature = _check_float("temperature", temperature, 0.0, 1e6)
+        sp.top_k = _check_int("top_k", top_k, 0, 1 << 30)
+        sp.top_p = _check_float("top_p", top_p, 0.0, 1.0, lo_open=True)
+        sp.min_p = _check_float("min_p", min_p, 0.0, 1.0)
+        seed = self._seed if seed is None else _check_int("seed", seed, 0, _MAX_SEED)
+        sp.seed = 0xFFFFFFFF if seed is None else seed
+        stops = _check_stop(stop)
+        if not isinstance(stream, bool):
+            raise TypeError("stream must be a bool")
+        run = _Generation(self, data, sp, stops, progress)
+        if stream:
+            return TextStream(run)
+        return run.run(on_piece=None)
+
+    # -- stats -------------------------------------------------------------------------
+
+    def kv_stats(self) -> KVStats:
+        """A snapshot of the KV cache (see :class:`KVStats`)."""
+        with self._lock:
+            s = self._s()
+            info = s.kv()
+            buffers = {b.name: b.bytes for b in info.buffers}
+            return KVStats(kv=self.kv, n_tokens=info.n_tokens, n_ctx=s.n_ctx,
+                           device_bytes=sum(buffers.values()), host_bytes=0,
+                           budget_bytes=self.kv_budget, buffers=buffers)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"n_ctx={self.n_ctx}, kv={self.kv!r}"
+        return f"Model({self.path!r}, {state})"
+
+
+class _Generation:
+    """One generate() call: runs the native loop and assembles the text."""
+
+    def __init__(self, model: Model, prompt: bytes, sp, stops: tuple, progress) -> None:
+        self.model, self.prompt, self.sp, self.progress = model, prompt, sp, progress
+        self.text = TextAssembler(stops)
+        self.cancel = threading.Event()
+
+    def run(self, on_piece: Optional[Callable[[str], None]]) -> GenerationResult:
+        text = self.text
+
+        def on_token(token: int, piece: bytes) -> bool:
+            released = text.feed(piece)
+            if released and on_piece is not None:
+                on_piece(released)
+            return not (text.stopped or self.cancel.is_set())
+
+        with self.model._lock:
+            s = self.model._s()
+            tokens = s.tokenize(self.prompt, add_special=True, parse_special=True)
+            with _progress_callback(self.progress, len(tokens), s.n_ubatch) as on_progress:
+                out = s.generate(tokens, sampling=self.sp, on_token=on_token, on_progress=on_progress)
+        tail = text.finish()
+        if tail and on_piece is not None:
+            on_piece(tail)
+        timings = Timings(prompt_tokens=out.n_prompt_tokens, prefill_s=out.t_prefill_s,
+                          decode_tokens=out.n_decoded, decode_s=out.t_decode_s)
+        return GenerationResult(text=text.text, tokens=list(out.tokens), n_prompt_tokens=out.n_prompt_tokens,
+                                finish_reason=out.finish_reason, timings=timings)
+
+
+class _progress_callback:
+    """Context manager giving the on_progress callable for a prompt of n tokens."""
+
+    def __init__(self, progress, n_tokens: int, chunk: int) -> None:
+        self.bar = None
+        self.fn = None
+        if callable(progress):
+            self.fn = progress
+        elif progress and n_tokens > chunk:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=n_tokens, unit="tok", desc="prompt", leave=False)
+            self.fn = lambda done, total: self.bar.update(done - self.bar.n)
+        elif not isinstance(progress, bool):
+            raise TypeError("progress must be a bool or a callable(done, total)")
+
+    def __enter__(self):
+        return self.fn
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TextStream:
+    """Iterator over the text pieces of a streaming generation.
+
+    The generation runs in a worker thread; pieces arrive through a queue. Errors raised
+    by the generation are re-raised from the iterator. Leaving the loop early (break,
+    exception, Ctrl-C) stops the generation at the next token. ``result`` is the
+    :class:`GenerationResult` after the iterator is exhausted.
+    """
+
+    _DONE = object()
+
+    def __init__(self, run: _Generation) -> None:
+        self._run = run
+        self._queue: "queue.Queue" = queue.Queue()
+        self.result: Optional[GenerationResult] = None
+        self._thread = threading.Thread(target=self._work, name="pyllama-inf-generate", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            result = self._run.run(on_piece=self._queue.put)
+            self._queue.put((self._DONE, result))
+        except BaseException as e:  # handed to the consumer
+            self._queue.put((self._DONE, e))
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._queue.get()
+                if isinstance(item, tuple) and item and item[0] is self._DONE:
+                    if isinstance(item[1], BaseException):
+                        raise item[1]
+                    self.result = item[1]
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the generation (if still running) and wait for the worker."""
+        self._run.cancel.set()
+        self._thread.join()

@@ -1,0 +1,133 @@
+"""The ``pyllama-inf`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import List, Optional
+
+from ._model import Model
+from .errors import PyllamaError
+from .gguf_info import inspect
+
+DEMO_PROMPT = ("<|im_start|>user\nIn two sentences, what is a KV cache in a transformer?<|im_end|>\n"
+               "<|im_start|>assistant\n")
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> None:
+    if need_model:
+        p.add_argument("-m", "--model", required=True, help="GGUF model file")
+    p.add_argument("-c", "--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
+    p.add_argument("--kv", choices=("full", "infllm"), default="full", help="KV cache type")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, n: int, temp: float) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=n, help=f"tokens to generate (default {n})")
+    p.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default {temp})")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pyllama-inf", description="Run GGUF models with llama.cpp.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text after a prompt")
+    _add_model_args(g)
+    g.add_argument("-p", "--prompt", help="prompt text")
+    g.add_argument("-f", "--file", help="read the prompt from this file")
+    _add_sampling_args(g, n=128, temp=0.8)
+
+    i = sub.add_parser("inspect", help="show GGUF metadata and KV bytes per token (no weights loaded)")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    d = sub.add_parser("demo", help="fetch the SmolLM2-135M test model and generate with it")
+    _add_model_args(d, need_model=False)
+    _add_sampling_args(d, n=64, temp=0.0)
+    return ap
+
+
+def _model_from_args(args, path: str) -> Model:
+    fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
+    return Model(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                 flash_attn=fa, kv=args.kv, seed=args.seed)
+
+
+def _generate(args, path: str, prompt: str) -> None:
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                  min_p=args.min_p, stop=args.stop, progress=sys.stderr.isatty())
+    with _model_from_args(args, path) as m:
+        if args.stream:
+            stream = m.generate(prompt, stream=True, **kwargs)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            result = stream.result
+            sys.stdout.write("\n")
+        else:
+            result = m.generate(prompt, **kwargs)
+            print(result.text)
+        kv = m.kv_stats()
+    t = result.timings
+    print(f"[{t.prompt_tokens} prompt tokens at {t.prefill_tok_s:.1f} tok/s, "
+          f"{len(result.tokens)} generated at {t.decode_tok_s:.1f} tok/s, finish: {result.finish_reason}, "
+          f"KV {kv.device_bytes / 2**20:.1f} MiB for n_ctx {kv.n_ctx}]", file=sys.stderr)
+
+
+def _inspect(args) -> None:
+    info = inspect(args.path)
+    if args.json:
+        d = dataclasses.asdict(info)
+        d["kv_bytes_per_token_f16"] = info.kv_bytes_per_token()
+        print(json.dumps(d, indent=1, default=str))
+        return
+    for f in dataclasses.fields(info):
+        print(f"{f.name:>18}: {getattr(info, f.name)}")
+    print(f"{'KV bytes/token':>18}: {info.kv_bytes_per_token()} (f16 K and V)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``pyllama-inf`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(name)s %(levelname)s: %(message)s")
+    try:
+        if args.command == "generate":
+            if (args.prompt is None) == (args.file is None):
+                raise ValueError("give exactly one of -p/--prompt and -f/--file")
+            prompt = args.prompt
+            if args.file is not None:
+                with open(args.file, encoding="utf-8") as f:
+                    prompt = f.read()
+            _generate(args, args.model, prompt)
+        elif args.command == "inspect":
+            _inspect(args)
+        elif args.command == "demo":
+            from .testing import smollm2_path
+            path = smollm2_path()
+            print(f"model: {path}\nprompt: {DEMO_PROMPT!r}\n", file=sys.stderr)
+            args.stream = True
+            _generate(args, str(path), DEMO_PROMPT)
+    except (PyllamaError, ValueError, TypeError, OSError) as e:
+        print(f"pyllama-inf: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\npyllama-inf: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

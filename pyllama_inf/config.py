@@ -1,0 +1,78 @@
+"""Configuration values: the InfLLM cache settings and byte sizes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Union[int, str, None], *, name: str = "size") -> Optional[int]:
+    """Turn ``256 * 2**20``, ``"256MiB"``, ``"1.5GiB"`` or ``"512MB"`` into a byte count.
+
+    ``None`` stays ``None``. Raises ``TypeError`` for other types and ``ValueError`` for
+    negative numbers and strings that are not a size.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be an int number of bytes or a string like '256MiB', "
+                        f"not {type(value).__name__}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 bytes, got {value}")
+        return value
+    m = _SIZE_RE.match(value)
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"{name} {value!r} is not a size; use bytes or a string like '256MiB' or '2GB'")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class InfLLMConfig:
+    """Settings of the InfLLM KV cache (``Model(kv="infllm", infllm=...)``).
+
+    block_size: tokens per memory block.
+    n_init: first tokens that every query attends to (attention sinks).
+    n_local: size of the local window, attended at true relative positions.
+    topk: memory blocks selected per query chunk.
+    repr_topk: representative keys per block.
+    positions: ``"infllm"`` puts memory tokens at one fixed distance (``n_local``) from the
+        query, which lets a model run past its trained context; ``"absolute"`` keeps true
+        positions.
+    """
+
+    block_size: int = 128
+    n_init: int = 128
+    n_local: int = 4096
+    topk: int = 16
+    repr_topk: int = 4
+    positions: str = "infllm"
+
+    def __post_init__(self) -> None:
+        for field in ("block_size", "n_init", "n_local", "topk", "repr_topk"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"InfLLMConfig.{field} must be an int, not {type(value).__name__}")
+        if self.block_size <= 0:
+            raise ValueError(f"InfLLMConfig.block_size must be > 0, got {self.block_size}")
+        if self.n_init < 0:
+            raise ValueError(f"InfLLMConfig.n_init must be >= 0, got {self.n_init}")
+        if self.n_local <= 0:
+            raise ValueError(f"InfLLMConfig.n_local must be > 0, got {self.n_local}")
+        if self.topk < 0:
+            raise ValueError(f"InfLLMConfig.topk must be >= 0, got {self.topk}")
+        if not 1 <= self.repr_topk <= self.block_size:
+            raise ValueError(f"InfLLMConfig.repr_topk must be in [1, block_size={self.block_size}], "
+                             f"got {self.repr_topk}")
+        if self.positions not in ("infllm", "absolute"):
+            raise ValueError(f"InfLLMConfig.positions must be 'infllm' or 'absolute', got {self.positions!r}")
