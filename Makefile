@@ -2,7 +2,7 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
-BUILD_DEPS  := scikit-build-core pybind11 pip
+BUILD_DEPS  := scikit-build-core pybind11 pip cmake ninja
 # the pip build directory (persistent, incremental): build/<wheel tag>
 BUILD_DIR    = $(shell ls -d build/cp*/ 2>/dev/null | head -n 1)
 JOBS        ?= $(shell nproc)
@@ -21,7 +21,7 @@ install: $(PY)
 
 # upstream's own llama-completion and llama-bench, from the same vendored tree and flags
 upstream-tools: install
-	cmake --build $(BUILD_DIR) --target llama-completion llama-bench
+	$(VENV)/bin/cmake --build $(BUILD_DIR) --target llama-completion llama-bench
 	mkdir -p build/bin && cp $(BUILD_DIR)/bin/llama-completion $(BUILD_DIR)/bin/llama-bench build/bin/
 
 demo: install

@@ -14,11 +14,15 @@ import errno
 import functools
 import os
 import stat
+import time
 from typing import Any, Optional, Union
 
 import gguf
+import numpy as np
 
 GGUF_MAGIC = b"GGUF"
+_SETTLE_NS = 2_000_000_000  # files modified more recently than this are never cached
+_REQUIRED = object()
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -88,8 +92,8 @@ def inspect(path: PathLike) -> ModelInfo:
     """Read the metadata of the GGUF file at ``path`` without loading its weights.
 
     Results are remembered per process for an unchanged file (same inode, size and
-    modification time): parsing a 49k-token vocabulary takes the gguf reader a second
-    or two.
+    modification time, last modified over two seconds ago): parsing a 49k-token
+    vocabulary takes the gguf reader a second or two.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -102,6 +106,9 @@ def inspect(path: PathLike) -> ModelInfo:
     st = os.stat(path)  # FileNotFoundError names the path
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a GGUF file", path)
+    if time.time_ns() - st.st_mtime_ns < _SETTLE_NS:
+        # Just written: a rewrite within the same clock tick would keep this mtime.
+        return _model_info(path, st.st_size, _read(path, st.st_size))
     return _inspect_cached(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -132,12 +139,12 @@ class _BoundedReader(gguf.GGUFReader):
     reads. Checking the length of every read turns any truncation into one ValueError.
     """
 
-    def _get(self, offset, dtype, count=1, *args, **kwargs):  # noqa: ANN001 - mirrors gguf
-        arr = super()._get(offset, dtype, count, *args, **kwargs)
-        if arr.size != int(count):
-            raise ValueError(f"truncated: needed {int(count)} x {arr.dtype} at byte {offset}, "
-                             f"the file has {len(self.data)} bytes")
-        return arr
+    def _get(self, offset, dtype, count=1, *args, **kwargs):
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            raise ValueError(f"truncated: needs bytes up to {end}, "
+                             f"the file has {len(self.data)}")
+        return super()._get(offset, dtype, count, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=16)
@@ -171,10 +178,10 @@ def _invalid(path: str, why: str) -> ValueError:
 def _model_info(path: str, file_bytes: int, reader: gguf.GGUFReader) -> ModelInfo:
     fields = reader.fields
 
-    def get(key: str, default: Any = KeyError) -> Any:
+    def get(key: str, default: Any = _REQUIRED) -> Any:
         field = fields.get(key)
         if field is None:
-            if default is KeyError:
+            if default is _REQUIRED:
                 raise ValueError(f"{path}: required GGUF metadata key {key!r} is missing")
             return default
         try:
@@ -182,19 +189,29 @@ def _model_info(path: str, file_bytes: int, reader: gguf.GGUFReader) -> ModelInf
         except Exception as e:  # e.g. a string that is not UTF-8
             raise _invalid(path, f"cannot decode key {key!r}: {e}") from e
 
-    def get_int(key: str, default: Any = KeyError) -> Any:
+    def get_str(key: str, default: Any = _REQUIRED) -> Any:
+        value = get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise _invalid(path, f"key {key!r} should be a string, got {value!r}")
+        return value
+
+    def get_int(key: str, default: Any = _REQUIRED) -> Any:
         value = get(key, default)
         if isinstance(value, list):  # per-layer values
             value = max(value, default=0)
-        if value is None:
-            return None
-        if isinstance(value, (bool, str, float)):
+        if value is not None and isinstance(value, (bool, str, float)):
             raise _invalid(path, f"key {key!r} should be an integer, got {value!r}")
-        return int(value)
+        return value if value is None else int(value)
 
-    arch = get("general.architecture")
-    if not isinstance(arch, str):
-        raise _invalid(path, f"general.architecture should be a string, got {arch!r}")
+    def n_vocab() -> int:
+        tokens = fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            return get_int(f"{arch}.vocab_size", None) or get_int("tokenizer.ggml.tokens")
+        if tokens.types[:1] != [gguf.GGUFValueType.ARRAY]:
+            raise _invalid(path, "tokenizer.ggml.tokens should be an array")
+        return len(tokens.data)  # one data index per element: no need to decode the strings
+
+    arch = get_str("general.architecture")
     n_embd = get_int(f"{arch}.embedding_length")
     n_head = get_int(f"{arch}.attention.head_count")
     head_dim = get_int(f"{arch}.attention.key_length", n_embd // n_head if n_head else 0)
@@ -204,7 +221,7 @@ def _model_info(path: str, file_bytes: int, reader: gguf.GGUFReader) -> ModelInf
     return ModelInfo(
         path=path,
         architecture=arch,
-        name=get("general.name", None),
+        name=get_str("general.name", None),
         n_layer=get_int(f"{arch}.block_count"),
         n_head=n_head,
         n_head_kv=get_int(f"{arch}.attention.head_count_kv", n_head),
@@ -212,8 +229,8 @@ def _model_info(path: str, file_bytes: int, reader: gguf.GGUFReader) -> ModelInf
         head_dim_v=get_int(f"{arch}.attention.value_length", head_dim),
         n_embd=n_embd,
         n_ctx_train=get_int(f"{arch}.context_length"),
-        n_vocab=_n_vocab(path, fields, arch),
-        rope_scaling_type=get(f"{arch}.rope.scaling.type", None),
+        n_vocab=n_vocab(),
+        rope_scaling_type=get_str(f"{arch}.rope.scaling.type", None),
         sliding_window=get_int(f"{arch}.attention.sliding_window", None),
         file_type=file_type,
         quantization=_quantization_name(file_type),
@@ -222,16 +239,6 @@ def _model_info(path: str, file_bytes: int, reader: gguf.GGUFReader) -> ModelInf
         file_bytes=file_bytes,
         data_end=int(data_end),
     )
-
-
-def _n_vocab(path: str, fields: dict, arch: str) -> int:
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if tokens is not None:
-        return len(tokens.data)  # one data index per array element; no strings decoded
-    vocab_size = fields.get(f"{arch}.vocab_size")
-    if vocab_size is not None:
-        return int(vocab_size.contents())
-    raise ValueError(f"{path}: required GGUF metadata key 'tokenizer.ggml.tokens' is missing")
 
 
 def _quantization_name(file_type: Optional[int]) -> Optional[str]:

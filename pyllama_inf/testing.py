@@ -230,10 +230,12 @@ def write_random_llama(path: PathLike, *, n_layer: int = 2, n_embd: int = 64, n_
     """Write a small random-weight GGUF model of architecture ``llama`` to ``path``.
 
     llama.cpp loads and runs it like a real model. The vocabulary is byte-level BPE
-    (tokenizer ``gpt2``, pre-tokenizer ``default``): BOS ``<s>`` (id 0) and EOS ``</s>``
-    (id 1), the 256 GPT-2 byte symbols (ids 2-257), and a few English merges, so any
-    text round-trips through tokenize/detokenize; ``add_bos_token`` is true. There are
-    :data:`TINY_VOCAB_SIZE` tokens.
+    (tokenizer ``gpt2``) with SmolLM2's pre-tokenizer (``smollm``: GPT-2 word splits,
+    digits one by one, and no "clean up tokenization spaces" when detokenizing, which
+    the ``default`` one does): BOS ``<s>`` (id 0), EOS ``</s>`` (id 1), the 256 GPT-2
+    byte symbols (id 2 + byte) and 20 English merges (id 258 + rank), so any text
+    round-trips exactly through tokenize/detokenize. ``add_bos_token`` is true. There
+    are :data:`TINY_VOCAB_SIZE` tokens.
 
     Token embeddings are standard normal and the other matrices normal with std
     ``1/sqrt(fan_in)``, so activations and logits stay of order one and depend on the
@@ -254,6 +256,9 @@ def write_random_llama(path: PathLike, *, n_layer: int = 2, n_embd: int = 64, n_
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must be a multiple of n_head, and n_head of n_head_kv")
     qtype, file_type = _DTYPES[dtype]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if n_embd % block or n_ff % block:
+        raise ValueError(f"{dtype} needs n_embd and n_ff divisible by {block}")
     head_dim = n_embd // n_head
     tokens, token_types = _tiny_vocab()
 
@@ -271,7 +276,7 @@ def write_random_llama(path: PathLike, *, n_layer: int = 2, n_embd: int = 64, n_
         ("llama.rope.freq_base", rope_theta, _F32),
         ("llama.attention.layer_norm_rms_epsilon", 1e-5, _F32),
         ("tokenizer.ggml.model", "gpt2", gguf.GGUFValueType.STRING),
-        ("tokenizer.ggml.pre", "default", gguf.GGUFValueType.STRING),
+        ("tokenizer.ggml.pre", "smollm", gguf.GGUFValueType.STRING),
         ("tokenizer.ggml.bos_token_id", 0, _U32),
         ("tokenizer.ggml.eos_token_id", 1, _U32),
         ("tokenizer.ggml.add_bos_token", True, gguf.GGUFValueType.BOOL),

@@ -1,0 +1,76 @@
+"""Type stub of the native module (see csrc/binding/)."""
+
+from typing import Callable, List, Optional
+
+import numpy as np
+
+upstream_commit: str
+
+class PyllamaError(RuntimeError): ...
+class ModelLoadError(PyllamaError): ...
+class ContextFullError(PyllamaError): ...
+class DecodeError(PyllamaError): ...
+
+def set_log_handler(handler: Optional[Callable[[int, str], None]]) -> None: ...
+
+class SessionParams:
+    path: str
+    n_gpu_layers: int
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    flash_attn: int
+    def __init__(self) -> None: ...
+
+class SamplingParams:
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    def __init__(self) -> None: ...
+
+class GenerationOutput:
+    tokens: List[int]
+    finish_reason: str
+    n_prompt_tokens: int
+    n_decoded: int
+    t_prefill_s: float
+    t_decode_s: float
+
+class KVBuffer:
+    name: str
+    is_host: bool
+    bytes: int
+
+class KVInfo:
+    n_tokens: int
+    buffers: List[KVBuffer]
+
+class Session:
+    def __init__(self, params: SessionParams) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    def tokenize(self, text: bytes, *, add_special: bool, parse_special: bool) -> List[int]: ...
+    def token_piece(self, token: int) -> bytes: ...
+    def detokenize(self, tokens: List[int], *, remove_special: bool) -> bytes: ...
+    def eval(self, tokens: List[int], *, last_n: int, chunk: int) -> np.ndarray: ...
+    def generate(self, prompt: List[int], *, sampling: SamplingParams,
+                 on_token: Optional[Callable[[int, bytes], bool]] = None,
+                 on_progress: Optional[Callable[[int, int], None]] = None) -> GenerationOutput: ...
+    def kv(self) -> KVInfo: ...
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_ctx_train(self) -> int: ...
+    @property
+    def n_batch(self) -> int: ...
+    @property
+    def n_ubatch(self) -> int: ...
+    @property
+    def desc(self) -> str: ...

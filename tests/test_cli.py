@@ -1,0 +1,50 @@
+"""The pyllama-inf command line."""
+
+import json
+import subprocess
+import sys
+
+from pyllama_inf.cli import main
+
+
+def test_inspect_json(tiny_model, capsys):
+    assert main(["inspect", tiny_model, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "llama" and info["n_layer"] == 2
+    assert info["kv_bytes_per_token_f16"] == 2 * 2 * (16 + 16) * 2
+
+
+def test_generate_prints_text_and_stats(tiny_model, capsys):
+    rc = main(["generate", "-m", tiny_model, "-p", "hello", "-n", "5", "--temp", "0", "--ctx", "128", "-t", "1"])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "5 generated" in out.err
+    assert out.out.strip() != "" or "finish: stop" in out.err
+
+
+def test_stream_and_plain_print_the_same_text(smollm2, capsys):
+    args = ["generate", "-m", smollm2, "-p", "The capital of France is", "-n", "12", "--temp", "0",
+            "--ctx", "256", "-t", "2"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    assert "Paris" in plain
+
+
+def test_errors_exit_non_zero_with_a_message(tmp_path, capsys):
+    assert main(["generate", "-m", str(tmp_path / "missing.gguf"), "-p", "x"]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "error" in capsys.readouterr().err
+
+
+def test_infllm_is_refused_clearly(tiny_model, capsys):
+    assert main(["generate", "-m", tiny_model, "-p", "x", "--kv", "infllm"]) == 1
+    assert "infllm" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module(tiny_model):
+    res = subprocess.run([sys.executable, "-m", "pyllama_inf.cli", "inspect", tiny_model],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "llama" in res.stdout
