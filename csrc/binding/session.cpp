@@ -12,6 +12,9 @@
 #include "llama-cpp.h"
 #include "llama-ext.h"
 
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -87,6 +90,10 @@ public:
         batch_free();
         ctx.reset();
         model.reset();
+        if (threadpool != nullptr) {
+            threadpool_free(threadpool);
+            threadpool = nullptr;
+        }
     }
 
     bool closed() const { return ctx == nullptr; }
@@ -120,6 +127,13 @@ private:
     llama_context_ptr ctx;
     llama_batch       batch{};
     bool              batch_owned = false;
+
+    // a persistent CPU thread pool, as upstream's tools attach one; without it ggml starts
+    // and joins its worker threads for every graph
+    ggml_threadpool * threadpool = nullptr;
+    decltype(ggml_threadpool_free) * threadpool_free = nullptr;
+
+    void attach_threadpool(int32_t n_threads);
 
     const llama_model * model_checked() const {
         if (!model) {
@@ -187,6 +201,26 @@ session::session(const session_params & params) {
         }
         batch       = llama_batch_init((int32_t) llama_n_batch(ctx.get()), 0, 1);
         batch_owned = true;
+        attach_threadpool(params.n_threads);
+    }
+}
+
+void session::attach_threadpool(int32_t n_threads) {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_reg_t reg = cpu ? ggml_backend_dev_backend_reg(cpu) : nullptr;
+    if (reg == nullptr) {
+        return;
+    }
+    auto * tp_new  = (decltype(ggml_threadpool_new)  *) ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new");
+    auto * tp_free = (decltype(ggml_threadpool_free) *) ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_free");
+    if (tp_new == nullptr || tp_free == nullptr) {
+        return;
+    }
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    threadpool = tp_new(&tpp);
+    if (threadpool != nullptr) {
+        threadpool_free = tp_free;
+        llama_attach_threadpool(ctx.get(), threadpool, nullptr);
     }
 }
 
