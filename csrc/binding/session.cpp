@@ -341,14 +341,20 @@ py::array_t<float> session::eval(const std::vector<llama_token> & tokens, int32_
     return arr;
 }
 
+llama_token argmax(const float * logits, int32_t n) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; ++i) {
+        if (logits[i] > logits[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
 llama_sampler_ptr make_sampler(const sampling_params & sp) {
     llama_sampler_chain_params cp = llama_sampler_chain_default_params();
     cp.no_perf = true;
     llama_sampler_ptr chain(llama_sampler_chain_init(cp));
-    if (sp.temperature <= 0.0f) {
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
-        return chain;
-    }
     if (sp.top_k > 0) {
         llama_sampler_chain_add(chain.get(), llama_sampler_init_top_k(sp.top_k));
     }
@@ -373,7 +379,10 @@ generation_output session::generate(const std::vector<llama_token> & prompt, con
     if (sp.max_tokens < 0) {
         throw py::value_error("max_tokens must be >= 0");
     }
-    llama_sampler_ptr smpl = make_sampler(sp);
+    // greedy decoding takes the first maximum, as llama.cpp's greedy sampler does, without
+    // building a candidate array over the whole vocabulary for every token
+    const bool greedy = sp.temperature <= 0.0f;
+    llama_sampler_ptr smpl = greedy ? nullptr : make_sampler(sp);
     const llama_vocab * v = vocab();
 
     generation_output out;
@@ -396,7 +405,8 @@ generation_output session::generate(const std::vector<llama_token> & prompt, con
         llama_pos n_past = (llama_pos) prompt.size();
         std::vector<llama_token> one(1);
         for (int32_t i = 0; i < sp.max_tokens; ++i) {
-            const llama_token tok = llama_sampler_sample(smpl.get(), ctx.get(), -1);
+            const llama_token tok = greedy ? argmax(llama_get_logits_ith(ctx.get(), -1), n_vocab())
+                                           : llama_sampler_sample(smpl.get(), ctx.get(), -1);
             if (llama_vocab_is_eog(v, tok)) {
                 out.finish_reason = "stop";
                 break;
