@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
 
+    pk = sub.add_parser("passkey", help="passkey retrieval accuracy at one context length")
+    _add_model_args(pk)
+    pk.add_argument("--length", type=int, required=True, help="prompt length in tokens")
+    pk.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated needle depths in [0, 1]")
+    pk.add_argument("--trials", type=int, default=1, help="prompts per depth")
+    pk.add_argument("--json", action="store_true", help="print every trial as JSON")
+
     d = sub.add_parser("demo", help="fetch the SmolLM2-135M test model and generate with it")
     _add_model_args(d, need_model=False)
     _add_sampling_args(d, n=64, temp=0.0)
@@ -98,6 +105,22 @@ def _inspect(args) -> None:
     print(f"{'KV bytes/token':>18}: {info.kv_bytes_per_token()} (f16 K and V)")
 
 
+def _passkey(args) -> None:
+    from . import passkey
+    depths = [float(d) for d in args.depths.split(",")]
+    if args.ctx < args.length + 16:
+        args.ctx = args.length + 16
+    with _model_from_args(args, args.model) as m:
+        results = passkey.run(m, args.length, depths, args.trials, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    for depth in depths:
+        rows = [r for r in results if r.depth == depth]
+        print(f"depth {depth:.2f}: {sum(r.correct for r in rows)}/{len(rows)} correct "
+              f"({rows[0].n_tokens} tokens)", file=sys.stderr)
+    print(f"accuracy: {sum(r.correct for r in results) / len(results):.3f}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pyllama-inf`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -114,6 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             _generate(args, args.model, prompt)
         elif args.command == "inspect":
             _inspect(args)
+        elif args.command == "passkey":
+            _passkey(args)
         elif args.command == "demo":
             from .testing import smollm2_path
             path = smollm2_path()
