@@ -10,6 +10,7 @@ class PyllamaError(RuntimeError): ...
 class ModelLoadError(PyllamaError): ...
 class ContextFullError(PyllamaError): ...
 class DecodeError(PyllamaError): ...
+class UnsupportedError(PyllamaError): ...
 
 def set_log_handler(handler: Optional[Callable[[int, str], None]]) -> None: ...
 
@@ -21,6 +22,13 @@ class SessionParams:
     n_ubatch: int
     n_threads: int
     flash_attn: int
+    infllm: bool
+    block_size: int
+    n_init: int
+    n_local: int
+    topk: int
+    repr_topk: int
+    absolute: bool
     def __init__(self) -> None: ...
 
 class SamplingParams:
@@ -45,9 +53,22 @@ class KVBuffer:
     is_host: bool
     bytes: int
 
+class InfLLMStats:
+    n_tokens: int
+    n_blocks: int
+    n_blocks_max: int
+    selections: int
+    n_ring: int
+    ring_bytes: int
+    block_bytes: int
+    repr_bytes: int
+    host_bytes: int
+
 class KVInfo:
     n_tokens: int
     buffers: List[KVBuffer]
+    graphs_reused: int
+    infllm: Optional[InfLLMStats]
 
 class Session:
     def __init__(self, params: SessionParams) -> None: ...

@@ -67,6 +67,27 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class InfLLMStats:
+    """Counters of the InfLLM cache.
+
+    n_blocks: complete blocks that left the local window (the memory);
+    n_blocks_max: block capacity (n_ctx after the sinks, in blocks);
+    selections: (ubatch, layer) top-k selections made over at least one memory block;
+    n_ring: cells of the local window ring per layer;
+    ring_bytes / block_bytes / repr_bytes: device bytes of the local rings, the block
+    store and the representative keys.
+    """
+
+    n_blocks: int
+    n_blocks_max: int
+    selections: int
+    n_ring: int
+    ring_bytes: int
+    block_bytes: int
+    repr_bytes: int
+
+
+@dataclass(frozen=True)
 class KVStats:
     """State of the KV cache.
 
@@ -79,6 +100,8 @@ class KVStats:
     host_bytes: KV bytes in the host store tier (0 for the stock cache, which has none).
     budget_bytes: the device byte budget, None when unbounded.
     buffers: bytes per llama.cpp buffer type name.
+    graphs_reused: llama.cpp compute graphs reused (not rebuilt) since the model was loaded.
+    infllm: :class:`InfLLMStats` for kv="infllm", else None.
     """
 
     kv: str
@@ -88,6 +111,8 @@ class KVStats:
     host_bytes: int
     budget_bytes: Optional[int]
     buffers: Dict[str, int] = field(default_factory=dict)
+    graphs_reused: int = 0
+    infllm: Optional[InfLLMStats] = None
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:
@@ -163,10 +188,13 @@ class Model:
     n_batch: most tokens handed to llama.cpp at once; n_ubatch: tokens per compute step
         (the prompt is evaluated in n_ubatch chunks).
     flash_attn: True / False, or None to let llama.cpp decide.
-    kv: ``"full"`` is llama.cpp's stock KV cache; ``"infllm"`` (block-retrieval cache) is not
-        available in this version and raises ``UnsupportedError``.
-    kv_budget: device byte budget of the KV cache (int or "256MiB"); only with kv="infllm".
-    infllm: an :class:`InfLLMConfig`; only with kv="infllm".
+    kv: ``"full"`` is llama.cpp's stock KV cache; ``"infllm"`` is the block-retrieval cache:
+        each query attends to the first n_init tokens, the top-k most relevant past blocks
+        and the local window (see :class:`InfLLMConfig`). It serves one sequence of plain
+        RoPE attention (no SWA, MLA, YaRN, recurrent layers) and ignores ``flash_attn``.
+    kv_budget: device byte budget of the KV cache (int or "256MiB"); with kv="infllm" only,
+        and not available yet (``UnsupportedError``).
+    infllm: an :class:`InfLLMConfig` (default: ``InfLLMConfig()``); only with kv="infllm".
     seed: default sampling seed (None: a random one per generation).
 
     Use as a context manager or call :meth:`close`; using the model after close raises
@@ -200,8 +228,18 @@ class Model:
             raise ValueError("kv_budget and infllm apply to kv='infllm' only; the stock cache "
                              "(kv='full') keeps the whole context")
         if kv == "infllm":
-            raise UnsupportedError("kv='infllm' is not available in this version of pyllama-inf yet; "
-                                   "use kv='full'")
+            if budget is not None:
+                raise UnsupportedError("kv_budget (a device byte budget with a host block store) is not "
+                                       "available yet: the InfLLM cache keeps all blocks in device memory")
+            infllm = InfLLMConfig() if infllm is None else infllm
+            params.infllm = True
+            params.block_size = infllm.block_size
+            params.n_init = infllm.n_init
+            params.n_local = infllm.n_local
+            params.topk = infllm.topk
+            params.repr_topk = infllm.repr_topk
+            params.absolute = infllm.positions == "absolute"
+        self.infllm = infllm
         self._seed = None if seed is None else _check_int("seed", seed, 0, _MAX_SEED)
         self.kv = kv
         self.kv_budget = budget
@@ -350,9 +388,15 @@ class Model:
             s = self._s()
             info = s.kv()
             buffers = {b.name: b.bytes for b in info.buffers}
+            inf = info.infllm
+            extra = None if inf is None else InfLLMStats(
+                n_blocks=inf.n_blocks, n_blocks_max=inf.n_blocks_max, selections=inf.selections,
+                n_ring=inf.n_ring, ring_bytes=inf.ring_bytes, block_bytes=inf.block_bytes,
+                repr_bytes=inf.repr_bytes)
             return KVStats(kv=self.kv, n_tokens=info.n_tokens, n_ctx=s.n_ctx,
-                           device_bytes=sum(buffers.values()), host_bytes=0,
-                           budget_bytes=self.kv_budget, buffers=buffers)
+                           device_bytes=sum(buffers.values()), host_bytes=0 if inf is None else inf.host_bytes,
+                           budget_bytes=self.kv_budget, buffers=buffers, graphs_reused=info.graphs_reused,
+                           infllm=extra)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"n_ctx={self.n_ctx}, kv={self.kv!r}"

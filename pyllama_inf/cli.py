@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from ._model import Model
+from .config import InfLLMConfig
 from .errors import PyllamaError
 from .gguf_info import inspect
 
@@ -25,6 +26,14 @@ def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
     p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
     p.add_argument("--kv", choices=("full", "infllm"), default="full", help="KV cache type")
+    d = InfLLMConfig()
+    g = p.add_argument_group("InfLLM cache (--kv infllm)")
+    g.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per block (default {d.block_size})")
+    g.add_argument("--n-init", type=int, default=d.n_init, help=f"sink tokens (default {d.n_init})")
+    g.add_argument("--n-local", type=int, default=d.n_local, help=f"local window (default {d.n_local})")
+    g.add_argument("--topk", type=int, default=d.topk, help=f"blocks selected per chunk (default {d.topk})")
+    g.add_argument("--positions", choices=("infllm", "absolute"), default=d.positions,
+                   help="memory at one fixed distance (infllm) or at true positions")
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -68,8 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_from_args(args, path: str) -> Model:
     fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
+    infllm = None
+    if args.kv == "infllm":
+        infllm = InfLLMConfig(block_size=args.block_size, n_init=args.n_init, n_local=args.n_local,
+                              topk=args.topk, positions=args.positions)
     return Model(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 flash_attn=fa, kv=args.kv, seed=args.seed)
+                 flash_attn=fa, kv=args.kv, infllm=infllm, seed=args.seed)
 
 
 def _generate(args, path: str, prompt: str) -> None:

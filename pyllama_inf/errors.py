@@ -6,15 +6,11 @@ Bad arguments raise ``ValueError`` or ``TypeError``, a missing model file
 
 from __future__ import annotations
 
-from ._core import ContextFullError, DecodeError, ModelLoadError, PyllamaError
+from ._core import ContextFullError, DecodeError, ModelLoadError, PyllamaError, UnsupportedError
 
 
 class ModelClosedError(PyllamaError):
     """The model was used after ``close()``."""
-
-
-class UnsupportedError(PyllamaError):
-    """The model or the requested configuration is not supported (yet)."""
 
 
 __all__ = ["PyllamaError", "ModelLoadError", "ContextFullError", "DecodeError",

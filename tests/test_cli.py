@@ -39,9 +39,13 @@ def test_errors_exit_non_zero_with_a_message(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_infllm_is_refused_clearly(tiny_model, capsys):
-    assert main(["generate", "-m", tiny_model, "-p", "x", "--kv", "infllm"]) == 1
-    assert "infllm" in capsys.readouterr().err
+def test_unsupported_config_is_refused_clearly(tmp_path, capsys):
+    from pyllama_inf.testing import write_random_llama
+    yarn = write_random_llama(tmp_path / "yarn.gguf", **{"llama.rope.scaling.type": "yarn",
+                                                          "llama.rope.scaling.factor": 4.0,
+                                                          "llama.rope.scaling.original_context_length": 512})
+    assert main(["generate", "-m", str(yarn), "-p", "x", "--kv", "infllm", "--ctx", "256"]) == 1
+    assert "YaRN" in capsys.readouterr().err
 
 
 def test_console_script_runs_as_a_module(tiny_model):

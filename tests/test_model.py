@@ -182,11 +182,6 @@ def test_bad_model_arguments(tiny_model, kwargs, exc):
         pi.Model(tiny_model, **kwargs)
 
 
-def test_infllm_not_available_yet(tiny_model):
-    with pytest.raises(pi.UnsupportedError, match="infllm"):
-        pi.Model(tiny_model, kv="infllm")
-
-
 def test_missing_and_invalid_model_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         pi.Model(tmp_path / "nope.gguf")

@@ -11,6 +11,8 @@ void register_errors(py::module_ & m) {
         .doc() = "The model file could not be loaded or a context could not be created for it.";
     py::register_exception<context_full_error>(m, "ContextFullError", base.ptr())
         .doc() = "The tokens do not fit into the context (n_ctx).";
+    py::register_exception<unsupported_error> (m, "UnsupportedError", base.ptr())
+        .doc() = "The model or the requested configuration is not supported (yet).";
     py::register_exception<decode_error>      (m, "DecodeError",      base.ptr())
         .doc() = "llama.cpp failed to evaluate a batch.";
 }

@@ -18,6 +18,10 @@ struct context_full_error : pyllama_error {
     using pyllama_error::pyllama_error;
 };
 
+struct unsupported_error : pyllama_error {
+    using pyllama_error::pyllama_error;
+};
+
 struct decode_error : pyllama_error {
     using pyllama_error::pyllama_error;
 };

@@ -11,6 +11,7 @@
 
 #include "llama-cpp.h"
 #include "llama-ext.h"
+#include "llama-infllm.h"
 
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
@@ -40,6 +41,10 @@ struct session_params {
     uint32_t n_ubatch     = 512;
     int32_t  n_threads    = 1;
     int32_t  flash_attn   = -1;   // -1 auto, 0 off, 1 on
+
+    // InfLLM cache (kv="infllm")
+    bool     infllm       = false;
+    llama_infllm_params iparams = llama_infllm_default_params();
 };
 
 struct sampling_params {
@@ -69,6 +74,9 @@ struct kv_buffer {
 struct kv_info {
     int32_t n_tokens = 0;
     std::vector<kv_buffer> buffers;
+    int32_t graphs_reused = 0;   // llama.cpp compute graphs reused since the context was made
+    bool infllm = false;
+    llama_infllm_stats infllm_stats{};
 };
 
 // Takes the GIL, runs fn (which may call into Python), then raises KeyboardInterrupt (or
@@ -193,7 +201,20 @@ session::session(const session_params & params) {
         cparams.n_threads_batch = params.n_threads;
         cparams.flash_attn_type = (llama_flash_attn_type) params.flash_attn;
         cparams.no_perf         = true;
-        ctx.reset(llama_init_from_model(model.get(), cparams));
+        if (params.infllm) {
+            char err[512] = {0};
+            ctx.reset(llama_init_from_model_infllm(model.get(), cparams, &params.iparams, err, sizeof(err)));
+            if (!ctx) {
+                model.reset();
+                const std::string why = err;
+                if (why.rfind("InfLLM cache:", 0) == 0) {
+                    throw unsupported_error(why);
+                }
+                throw model_load_error("could not create an InfLLM context for '" + params.path + "': " + why);
+            }
+        } else {
+            ctx.reset(llama_init_from_model(model.get(), cparams));
+        }
         if (!ctx) {
             model.reset();
             throw model_load_error("llama.cpp could not create a context for '" + params.path +
@@ -439,6 +460,8 @@ kv_info session::kv() const {
     llama_context * c = ctx_checked();
     kv_info info;
     info.n_tokens = llama_memory_seq_pos_max(llama_get_memory(c), 0) + 1;
+    info.infllm = llama_infllm_get_stats(c, &info.infllm_stats) == 0;
+    info.graphs_reused = llama_perf_context(c).n_reused;
     for (const auto & [buft, mb] : llama_get_memory_breakdown(c)) {
         if (mb.context > 0) {
             info.buffers.push_back({ggml_backend_buft_name(buft), ggml_backend_buft_is_host(buft), mb.context});
@@ -458,7 +481,31 @@ void register_session(py::module_ & m) {
         .def_readwrite("n_batch",      &session_params::n_batch)
         .def_readwrite("n_ubatch",     &session_params::n_ubatch)
         .def_readwrite("n_threads",    &session_params::n_threads)
-        .def_readwrite("flash_attn",   &session_params::flash_attn, "-1 auto, 0 off, 1 on");
+        .def_readwrite("flash_attn",   &session_params::flash_attn, "-1 auto, 0 off, 1 on")
+        .def_readwrite("infllm",       &session_params::infllm, "use the InfLLM cache")
+        .def_property("block_size", [](const session_params & p) { return p.iparams.block_size; },
+                                    [](session_params & p, uint32_t v) { p.iparams.block_size = v; })
+        .def_property("n_init",     [](const session_params & p) { return p.iparams.n_init; },
+                                    [](session_params & p, uint32_t v) { p.iparams.n_init = v; })
+        .def_property("n_local",    [](const session_params & p) { return p.iparams.n_local; },
+                                    [](session_params & p, uint32_t v) { p.iparams.n_local = v; })
+        .def_property("topk",       [](const session_params & p) { return p.iparams.topk; },
+                                    [](session_params & p, uint32_t v) { p.iparams.topk = v; })
+        .def_property("repr_topk",  [](const session_params & p) { return p.iparams.repr_topk; },
+                                    [](session_params & p, uint32_t v) { p.iparams.repr_topk = v; })
+        .def_property("absolute",   [](const session_params & p) { return p.iparams.absolute; },
+                                    [](session_params & p, bool v) { p.iparams.absolute = v; });
+
+    py::class_<llama_infllm_stats>(m, "InfLLMStats", "Counters of the InfLLM cache.")
+        .def_readonly("n_tokens",     &llama_infllm_stats::n_tokens)
+        .def_readonly("n_blocks",     &llama_infllm_stats::n_blocks)
+        .def_readonly("n_blocks_max", &llama_infllm_stats::n_blocks_max)
+        .def_readonly("selections",   &llama_infllm_stats::selections)
+        .def_readonly("n_ring",       &llama_infllm_stats::n_ring)
+        .def_readonly("ring_bytes",   &llama_infllm_stats::ring_bytes)
+        .def_readonly("block_bytes",  &llama_infllm_stats::block_bytes)
+        .def_readonly("repr_bytes",   &llama_infllm_stats::repr_bytes)
+        .def_readonly("host_bytes",   &llama_infllm_stats::host_bytes);
 
     py::class_<sampling_params>(m, "SamplingParams", "Options for one generation.")
         .def(py::init<>())
@@ -484,7 +531,11 @@ void register_session(py::module_ & m) {
 
     py::class_<kv_info>(m, "KVInfo", "Raw KV cache state.")
         .def_readonly("n_tokens", &kv_info::n_tokens)
-        .def_readonly("buffers",  &kv_info::buffers);
+        .def_readonly("buffers",  &kv_info::buffers)
+        .def_readonly("graphs_reused", &kv_info::graphs_reused)
+        .def_property_readonly("infllm", [](const kv_info & k) -> py::object {
+            return k.infllm ? py::cast(k.infllm_stats) : py::none();
+        }, "InfLLMStats, or None for the stock cache");
 
     py::class_<session>(m, "Session", "A loaded model with one llama.cpp context.")
         .def(py::init<const session_params &>(), py::arg("params"),

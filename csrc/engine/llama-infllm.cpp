@@ -1,0 +1,155 @@
+// C API of the InfLLM cache and the memory-creation hook.
+
+#include "llama-infllm.h"
+#include "llama-infllm-hooks.h"
+#include "llama-kv-cache-infllm.h"
+
+#include "llama-context.h"
+#include "llama-cparams.h"
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+// set by llama_init_from_model_infllm for the duration of llama_init_from_model on this thread
+struct infllm_pending {
+    llama_infllm_params params;
+    std::string error;
+};
+
+thread_local infllm_pending * g_pending = nullptr;
+
+void infllm_check_supported(const llama_model & model, const llama_memory_params & mparams,
+                            const llama_cparams & cparams, const llama_infllm_params & p) {
+    const auto & hp = model.hparams;
+    auto refuse = [](const std::string & why) { throw std::runtime_error("InfLLM cache: " + why); };
+
+    if (p.block_size == 0 || p.n_local == 0 || p.repr_topk == 0 || p.repr_topk > p.block_size) {
+        refuse("invalid parameters (block_size and n_local must be > 0, 1 <= repr_topk <= block_size)");
+    }
+    if (llama_model_is_recurrent(&model) || llama_model_is_hybrid(&model)) {
+        refuse("recurrent and hybrid models are not supported");
+    }
+    if (hp.is_swa_any() || hp.n_swa > 0) {
+        refuse("models with sliding-window attention (SWA/iSWA) are not supported");
+    }
+    if (hp.is_mla()) {
+        refuse("models with multi-head latent attention (MLA) are not supported");
+    }
+    if (hp.use_alibi || hp.attn_soft_cap) {
+        refuse("ALiBi and attention logit soft-capping are not supported");
+    }
+    if (hp.rope_scaling_type_train == LLAMA_ROPE_SCALING_TYPE_YARN || cparams.yarn_ext_factor > 0.0f) {
+        refuse("YaRN RoPE scaling is not supported");
+    }
+    if (hp.rope_type == LLAMA_ROPE_TYPE_NONE || hp.n_pos_per_embd() != 1) {
+        refuse("the model must use plain RoPE positions");
+    }
+    if (hp.is_n_embd_k_gqa_variable() || hp.is_n_embd_v_gqa_variable()) {
+        refuse("layers with different K/V sizes are not supported");
+    }
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        const auto & layer = model.layers[il];
+        if (layer.rope_freqs || layer.rope_long || layer.rope_short) {
+            refuse("RoPE frequency factors are not supported");
+        }
+    }
+    if (cparams.n_seq_max > 1) {
+        refuse("n_seq_max > 1 is not supported (single sequence)");
+    }
+    if (!cparams.causal_attn) {
+        refuse("non-causal attention is not supported");
+    }
+    if (mparams.type_k != GGML_TYPE_F16 && mparams.type_k != GGML_TYPE_F32) {
+        refuse("quantized K cache types are not supported");
+    }
+    if (mparams.type_v != GGML_TYPE_F16 && mparams.type_v != GGML_TYPE_F32) {
+        refuse("quantized V cache types are not supported");
+    }
+}
+
+} // namespace
+
+llama_memory_i * llama_infllm_create_memory(const llama_model & model, const llama_memory_params & params,
+                                            const llama_cparams & cparams) {
+    if (g_pending == nullptr) {
+        return nullptr;
+    }
+    try {
+        infllm_check_supported(model, params, cparams, g_pending->params);
+        return new llama_kv_cache_infllm(model, g_pending->params, params.type_k, params.type_v,
+                                         cparams.offload_kqv, cparams.n_ctx_seq, cparams.n_ubatch);
+    } catch (const std::exception & e) {
+        g_pending->error = e.what();
+        throw;
+    }
+}
+
+//
+// C API
+//
+
+llama_infllm_params llama_infllm_default_params(void) {
+    llama_infllm_params p;
+    p.block_size = 128;
+    p.n_init     = 128;
+    p.n_local    = 4096;
+    p.topk       = 16;
+    p.repr_topk  = 4;
+    p.absolute   = false;
+    return p;
+}
+
+llama_context * llama_init_from_model_infllm(llama_model * model, llama_context_params cparams,
+                                             const llama_infllm_params * iparams, char * err, size_t err_size) {
+    auto fail = [&](const std::string & why) -> llama_context * {
+        if (err != nullptr && err_size > 0) {
+            std::snprintf(err, err_size, "%s", why.c_str());
+        }
+        return nullptr;
+    };
+    if (model == nullptr || iparams == nullptr) {
+        return fail("model and params must not be null");
+    }
+    if (cparams.n_seq_max > 1) {
+        return fail("InfLLM cache: n_seq_max > 1 is not supported (single sequence)");
+    }
+    infllm_pending pending{*iparams, {}};
+    g_pending = &pending;
+    llama_context * ctx = nullptr;
+    try {
+        ctx = llama_init_from_model(model, cparams);
+    } catch (const std::exception & e) {
+        pending.error = e.what();
+    }
+    g_pending = nullptr;
+    if (ctx == nullptr) {
+        return fail(pending.error.empty() ? "llama.cpp could not create the context (see its log)" : pending.error);
+    }
+    if (dynamic_cast<llama_kv_cache_infllm *>(llama_get_memory(ctx)) == nullptr) {
+        llama_free(ctx);
+        return fail("InfLLM cache: this model does not use a KV cache");
+    }
+    return ctx;
+}
+
+int32_t llama_infllm_get_stats(const llama_context * ctx, llama_infllm_stats * stats) {
+    if (ctx == nullptr || stats == nullptr) {
+        return -1;
+    }
+    const auto * cache = dynamic_cast<const llama_kv_cache_infllm *>(llama_get_memory(ctx));
+    if (cache == nullptr) {
+        return -1;
+    }
+    cache->get_stats(*stats);
+    return 0;
+}
+
+uint32_t llama_infllm_extra_graph_nodes(const llama_memory_i * memory, uint32_t n_layer) {
+    // about 50 nodes per layer (writes, selection, gather, two score blocks, softmax, two P·V)
+    return dynamic_cast<const llama_kv_cache_infllm *>(memory) != nullptr ? 64u*n_layer : 0u;
+}

@@ -1,0 +1,135 @@
+"""kv="infllm": equivalence with the stock cache, retrieval, stats, graph reuse, refusals."""
+
+import numpy as np
+import pytest
+
+import pyllama_inf as pi
+from pyllama_inf import passkey
+from pyllama_inf.cli import main
+
+
+def teacher_forced(path, tokens_text, n_ctx, **kw):
+    with pi.Model(path, n_ctx=n_ctx, n_threads=2, flash_attn=False, **kw) as m:
+        ids = m.tokenize(tokens_text)
+        return m.logits(ids), m.kv_stats()
+
+
+def agreement(a, b):
+    top1 = float((a.argmax(1) == b.argmax(1)).mean())
+    nmse = float(((a - b) ** 2).mean() / (a ** 2).mean())
+    return top1, nmse
+
+
+@pytest.fixture(scope="module")
+def long_text(smollm2):
+    with pi.Model(smollm2, n_ctx=2048, n_threads=1) as m:
+        task = passkey.make_task(1500, 0.3, 7, lambda t: len(m.tokenize(t)))
+    return task.prompt
+
+
+@pytest.fixture(scope="module")
+def full_logits(smollm2, long_text):
+    return teacher_forced(smollm2, long_text, 2048)[0]
+
+
+@pytest.mark.parametrize("positions", ["infllm", "absolute"])
+def test_window_covering_context_equals_stock(smollm2, long_text, full_logits, positions):
+    cfg = pi.InfLLMConfig(n_local=4096, positions=positions)
+    lg, stats = teacher_forced(smollm2, long_text, 2048, kv="infllm", infllm=cfg)
+    top1, nmse = agreement(full_logits, lg)
+    assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
+    assert stats.infllm.n_blocks == 0
+
+
+def test_blocks_covering_context_with_absolute_positions_equal_stock(smollm2, long_text, full_logits):
+    # a small window, so most of the context is memory; topk * block_size covers all of it
+    cfg = pi.InfLLMConfig(n_local=256, n_init=64, block_size=64, topk=64, positions="absolute")
+    lg, stats = teacher_forced(smollm2, long_text, 2048, kv="infllm", infllm=cfg)
+    top1, nmse = agreement(full_logits, lg)
+    assert top1 >= 0.99 and nmse < 5e-3, (top1, nmse)
+    assert stats.infllm.n_blocks > 10 and stats.infllm.selections > 0
+
+
+def test_fixed_distance_memory_changes_logits_but_keeps_predictions(smollm2, long_text, full_logits):
+    cfg = pi.InfLLMConfig(n_local=256, n_init=64, block_size=64, topk=64, positions="infllm")
+    lg, _ = teacher_forced(smollm2, long_text, 2048, kv="infllm", infllm=cfg)
+    top1, nmse = agreement(full_logits, lg)
+    assert nmse > 1e-3          # memory keys really are moved to one distance
+    assert top1 >= 0.95, top1
+
+
+def test_synthetic_model_equivalence(tiny_model):
+    text = "the quick brown fox jumps over the lazy dog " * 20
+    a, _ = teacher_forced(tiny_model, text, 1024)
+    b, _ = teacher_forced(tiny_model, text, 1024, kv="infllm", infllm=pi.InfLLMConfig(n_local=2048))
+    top1, nmse = agreement(a, b)
+    assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
+    c, _ = teacher_forced(tiny_model, text, 1024, kv="infllm",
+                          infllm=pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="absolute"))
+    top1, nmse = agreement(a, c)
+    assert top1 >= 0.99 and nmse < 1e-3, (top1, nmse)
+
+
+def test_greedy_generation_equals_stock_when_window_covers(smollm2):
+    prompt = "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"
+    with pi.Model(smollm2, n_ctx=1024, n_threads=2, flash_attn=False) as f:
+        a = f.generate(prompt, max_tokens=40, temperature=0)
+    with pi.Model(smollm2, n_ctx=1024, n_threads=2, kv="infllm") as m:
+        b = m.generate(prompt, max_tokens=40, temperature=0)
+        stats = m.kv_stats()
+    assert a.text == b.text and len(b.tokens) > 10
+    # decoding keeps the graph shape: nearly every single-token step reuses the previous graph
+    assert stats.graphs_reused >= b.timings.decode_tokens - 3
+
+
+def test_retrieval_needs_the_selected_blocks(smollm2):
+    """The needle lies far outside the local window: found with 4 selected blocks, lost with none."""
+    hits = {}
+    for topk in (4, 0):
+        cfg = pi.InfLLMConfig(n_local=512, n_init=64, block_size=64, topk=topk)
+        with pi.Model(smollm2, n_ctx=2560, n_threads=2, kv="infllm", infllm=cfg) as m:
+            results = passkey.run(m, 2400, [0.1, 0.4], trials=1)
+            assert m.kv_stats().infllm.n_blocks >= 25
+        hits[topk] = sum(r.correct for r in results)
+    assert hits == {4: 2, 0: 0}, hits
+
+
+def test_stats_follow_the_window(smollm2):
+    cfg = pi.InfLLMConfig(n_local=256, n_init=64, block_size=64, topk=2)
+    with pi.Model(smollm2, n_ctx=2048, n_threads=2, n_ubatch=128, kv="infllm", infllm=cfg) as m:
+        ids = list(range(1000, 1000 + 1000))
+        m.logits(ids, last_n=1)
+        s = m.kv_stats()
+    assert s.kv == "infllm" and s.n_tokens == 1000 and s.host_bytes == 0
+    # last chunk starts at 896: window start 896 - 256 = 640 -> 64 + 9*64, so 9 memory blocks
+    assert s.infllm.n_blocks == (1000 - 256 - 64) // 64
+    assert s.infllm.n_blocks_max == (2048 - 64 + 63) // 64
+    assert s.device_bytes == s.infllm.ring_bytes + s.infllm.block_bytes + s.infllm.repr_bytes
+    assert s.infllm.selections > 0
+
+
+def test_unsupported_models_and_configs_are_refused(tmp_path):
+    from pyllama_inf.testing import write_random_llama
+    yarn = write_random_llama(tmp_path / "yarn.gguf", **{"llama.rope.scaling.type": "yarn",
+                                                          "llama.rope.scaling.factor": 4.0,
+                                                          "llama.rope.scaling.original_context_length": 512})
+    with pytest.raises(pi.UnsupportedError, match="YaRN"):
+        pi.Model(yarn, n_ctx=256, n_threads=1, kv="infllm")
+    ok = write_random_llama(tmp_path / "ok.gguf")
+    with pytest.raises(pi.UnsupportedError, match="kv_budget"):
+        pi.Model(ok, kv="infllm", kv_budget="64MiB")
+    with pytest.raises(ValueError):
+        pi.InfLLMConfig(block_size=0)
+    with pytest.raises(ValueError):
+        pi.InfLLMConfig(topk=-1)
+    with pytest.raises(ValueError, match="positions"):
+        pi.InfLLMConfig(positions="relative")
+    with pytest.raises(TypeError):
+        pi.Model(ok, kv="infllm", infllm={"topk": 4})
+
+
+def test_cli_generate_with_infllm(tiny_model, capsys):
+    rc = main(["generate", "-m", tiny_model, "-p", "hello", "-n", "4", "--temp", "0", "--ctx", "256", "-t", "1",
+               "--kv", "infllm", "--n-local", "64", "--block-size", "16", "--n-init", "8", "--topk", "2"])
+    assert rc == 0
+    assert "4 generated" in capsys.readouterr().err
