@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,23 +29,11 @@ from pathlib import Path
 import pyllama_inf as pi
 from pyllama_inf.testing import smollm2_path
 
+from _common import command, machine, now, prompt_of
+
 ROOT = Path(__file__).resolve().parent.parent
 UBATCH = 512
 N_GEN = 128
-FILLER = ("The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
-          "Scholars argued for hours about the meaning of the inscription on the northern wall. ")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def llama_bench(model: str, threads: int, depths: list[int], reps: int) -> dict:
     exe = Path(os.environ.get("PYLLAMA_INF_UPSTREAM_BIN", ROOT / "build" / "bin")) / "llama-bench"
     cmd = [str(exe), "-m", model, "-t", str(threads), "-fa", "1", "-b", "2048", "-ub", str(UBATCH),
@@ -57,17 +44,6 @@ def llama_bench(model: str, threads: int, depths: list[int], reps: int) -> dict:
         kind = "prefill" if row["n_prompt"] else "decode"
         out[(kind, row["n_depth"])] = row["avg_ts"]
     return out, " ".join(cmd)
-
-
-def prompt_of(m: pi.Model, n_tokens: int) -> str:
-    """A text that tokenizes to n_tokens tokens (checked)."""
-    text = FILLER * (n_tokens // 30 + 2)
-    ids = m.tokenize(text)[:n_tokens]
-    text = m.detokenize(ids)
-    got = len(m.tokenize(text))
-    if abs(got - n_tokens) > 2:
-        raise RuntimeError(f"could not build a {n_tokens}-token prompt (got {got})")
-    return text
 
 
 def ours(model: str, threads: int, depths: list[int], reps: int) -> dict:
@@ -122,12 +98,12 @@ def main() -> int:
                          "depth": d, "llama_bench_tok_s": round(up, 2), "pyllama_inf_tok_s": round(me, 2),
                          "ratio": round(me / up, 4), "overhead_pct": round(100 * (1 - me / up), 2)})
     meta = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
+        "command": command(),
         "llama_bench_command": bench_cmd,
         "model": Path(model).name, "threads": args.threads, "reps": args.reps,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "upstream_commit": pi.UPSTREAM_COMMIT,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "date": now(),
         "decode_tokens_ours": {str(d): mine[("decode_tokens", d)] for d in depths},
     }
     args.out.mkdir(parents=True, exist_ok=True)

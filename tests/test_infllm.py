@@ -8,8 +8,8 @@ from pyllama_inf import passkey
 from pyllama_inf.cli import main
 
 
-def teacher_forced(path, tokens_text, n_ctx, **kw):
-    with pi.Model(path, n_ctx=n_ctx, n_threads=2, flash_attn=False, **kw) as m:
+def teacher_forced(path, tokens_text, n_ctx, flash_attn=False, **kw):
+    with pi.Model(path, n_ctx=n_ctx, n_threads=2, flash_attn=flash_attn, **kw) as m:
         ids = m.tokenize(tokens_text)
         return m.logits(ids), m.kv_stats()
 
@@ -39,6 +39,14 @@ def test_window_covering_context_equals_stock(smollm2, long_text, full_logits, p
     top1, nmse = agreement(full_logits, lg)
     assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
     assert stats.infllm.n_blocks == 0
+
+
+def test_flash_attention_window_path_equals_stock(smollm2, long_text):
+    # while no block has left the window, the cache runs one flash-attention call over its ring
+    a, _ = teacher_forced(smollm2, long_text, 2048, flash_attn=True)
+    b, _ = teacher_forced(smollm2, long_text, 2048, flash_attn=True, kv="infllm", infllm=pi.InfLLMConfig(n_local=4096))
+    top1, nmse = agreement(a, b)
+    assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
 
 
 def test_blocks_covering_context_with_absolute_positions_equal_stock(smollm2, long_text, full_logits):

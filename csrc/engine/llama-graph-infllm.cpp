@@ -26,7 +26,7 @@ public:
     ggml_tensor * pos_idx     = nullptr; // I32 [n_tokens]                position (block store cell)
     ggml_tensor * pos_neg     = nullptr; // I32 [n_tokens]                -position (un-rotation)
     ggml_tensor * q_delta     = nullptr; // I32 [n_tokens]                n_local - position (memory queries)
-    ggml_tensor * ring_mask   = nullptr; // F32 [n_ring, n_tokens]
+    ggml_tensor * ring_mask   = nullptr; // F32 [n_ring, n_tokens] (F16 for flash attention)
     ggml_tensor * init_mask   = nullptr; // F32 [n_init, 1]
     ggml_tensor * blk_bias    = nullptr; // F32 [1, n_blocks]             0 for memory blocks, -inf otherwise
     ggml_tensor * repr_blk    = nullptr; // I32 [n_repr]                  blocks touched by the ubatch (+ scratch)
@@ -35,6 +35,7 @@ public:
     uint32_t n_repr = 0;
     uint32_t n_ring = 0;       // ring cells attended
     bool     memory = false;   // sinks and blocks can be memory (the window start is past 0)
+    bool     flash  = false;   // window only: one flash attention call over the ring
 
     const llama_kv_cache_infllm_context * mctx_infllm;
 };
@@ -74,7 +75,9 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
     }
 
     // ring cell c holds the latest position < p_end congruent to c
-    auto * rm = (float *) ring_mask->data;
+    const bool f16 = ring_mask->type == GGML_TYPE_F16;
+    const ggml_fp16_t h_zero = ggml_fp32_to_fp16(0.0f);
+    const ggml_fp16_t h_ninf = ggml_fp32_to_fp16(NEG_INF);
     for (uint32_t cell = 0; cell < n_used; ++cell) {
         const llama_pos last = p_end - 1;
         llama_pos back = (last - (llama_pos) cell) % (llama_pos) n_ring;
@@ -84,7 +87,11 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
         const llama_pos pos_c = last - back;
         for (uint32_t i = 0; i < n_q; ++i) {
             const bool ok = pos_c >= ls && pos_c >= 0 && pos_c <= ubatch->pos[i];
-            rm[i*n_used + cell] = ok ? 0.0f : NEG_INF;
+            if (f16) {
+                ((ggml_fp16_t *) ring_mask->data)[i*n_used + cell] = ok ? h_zero : h_ninf;
+            } else {
+                ((float *) ring_mask->data)[i*n_used + cell] = ok ? 0.0f : NEG_INF;
+            }
         }
     }
 
@@ -174,7 +181,8 @@ llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & 
     inp->vt_idx    = input(GGML_TYPE_I32, n_q*n_embd_v, 1, "infllm_vt_idx");
     inp->pos_idx   = input(GGML_TYPE_I32, n_q, 1, "infllm_pos_idx");
     inp->pos_neg   = input(GGML_TYPE_I32, n_q, 1, "infllm_pos_neg");
-    inp->ring_mask = input(GGML_TYPE_F32, inp->n_ring, n_q, "infllm_ring_mask");
+    inp->flash     = !inp->memory && g.cparams.flash_attn;
+    inp->ring_mask = input(inp->flash ? GGML_TYPE_F16 : GGML_TYPE_F32, inp->n_ring, n_q, "infllm_ring_mask");
     if (!p.absolute && inp->memory) {
         inp->q_delta = input(GGML_TYPE_I32, n_q, 1, "infllm_q_delta");
     }
@@ -201,6 +209,19 @@ llm_graph_input_attn_infllm * llama_infllm_as_input(llm_graph_input_attn_kv * in
 static ggml_tensor * infllm_unrotate(const llm_graph_context & g, ggml_tensor * k, ggml_tensor * pos_neg) {
     return ggml_rope_ext(g.ctx0, k, pos_neg, nullptr, g.n_rot, g.rope_type, g.n_ctx_orig, g.freq_base, g.freq_scale,
                          g.ext_factor, g.attn_factor, g.beta_fast, g.beta_slow);
+}
+
+// the attention output projection, as the stock build_attn applies it
+static ggml_tensor * infllm_output(const llm_graph_context & g, ggml_tensor * cur,
+                                   ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s, int il) {
+    g.cb(cur, "kqv_out", il);
+    if (wo) {
+        cur = g.build_lora_mm(wo, cur, wo_s);
+    }
+    if (wo_b) {
+        cur = ggml_add(g.ctx0, cur, wo_b);
+    }
+    return cur;
 }
 
 ggml_tensor * llama_infllm_build_attn(
@@ -246,6 +267,7 @@ ggml_tensor * llama_infllm_build_attn(
     ggml_tensor * v_rows = ggml_reshape_2d(ctx0, v_cur, row_v, n_q);
 
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.k_ring, k_rows, inp->ring_idx));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.v_ring, v_rows, inp->ring_idx));
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0,
             ggml_reshape_2d(ctx0, L.v_ring_t, 1, ggml_nelements(L.v_ring_t)),
             ggml_reshape_2d(ctx0, v_cur, 1, row_v*n_q), inp->vt_idx));
@@ -268,6 +290,16 @@ ggml_tensor * llama_infllm_build_attn(
     ggml_tensor * k_ring = ggml_permute(ctx0,
             ggml_view_3d(ctx0, L.k_ring, d_k, n_kv_h, n_ring, ggml_row_size(L.k_ring->type, d_k), L.k_ring->nb[1], 0),
             0, 2, 1, 3);
+    if (inp->flash) {
+        // no memory yet: plain causal attention over the window, as the stock cache does it
+        ggml_tensor * v = ggml_permute(ctx0,
+                ggml_view_3d(ctx0, L.v_ring, d_v, n_kv_h, n_ring, ggml_row_size(L.v_ring->type, d_v), L.v_ring->nb[1], 0),
+                0, 2, 1, 3);
+        ggml_tensor * fa = ggml_flash_attn_ext(ctx0, q, k_ring, v, inp->ring_mask, kq_scale, 0.0f, 0.0f);
+        ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
+        return infllm_output(g, ggml_reshape_2d(ctx0, fa, d_v*n_head, n_q), wo, wo_b, wo_s, il);
+    }
+
     ggml_tensor * kq = ggml_mul_mat(ctx0, k_ring, q);                                                   // [n_ring, n_q, n_head]
     ggml_tensor * mask = inp->ring_mask;
 
@@ -346,14 +378,5 @@ ggml_tensor * llama_infllm_build_attn(
         kqv = ggml_add(ctx0, kqv, ggml_mul_mat(ctx0, vm, p_mem));
     }
 
-    ggml_tensor * cur = ggml_cont_2d(ctx0, ggml_permute(ctx0, kqv, 0, 2, 1, 3), d_v*n_head, n_q);
-    g.cb(cur, "kqv_out", il);
-
-    if (wo) {
-        cur = g.build_lora_mm(wo, cur, wo_s);
-    }
-    if (wo_b) {
-        cur = ggml_add(ctx0, cur, wo_b);
-    }
-    return cur;
+    return infllm_output(g, ggml_cont_2d(ctx0, ggml_permute(ctx0, kqv, 0, 2, 1, 3), d_v*n_head, n_q), wo, wo_b, wo_s, il);
 }

@@ -39,7 +39,7 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
             return it->second;
         }
         ggml_init_params ip = {
-            /*.mem_size   =*/ size_t(5u*hparams.n_layer()*ggml_tensor_overhead()),
+            /*.mem_size   =*/ size_t(6u*hparams.n_layer()*ggml_tensor_overhead()),
             /*.mem_buffer =*/ nullptr,
             /*.no_alloc   =*/ true,
         };
@@ -65,17 +65,19 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
         layer l;
         l.il       = il;
         l.k_ring   = ggml_new_tensor_2d(ctx, type_k, n_embd_k, n_ring);
+        l.v_ring   = ggml_new_tensor_2d(ctx, type_v, n_embd_v, n_ring);
         l.v_ring_t = ggml_new_tensor_2d(ctx, type_v, n_ring, n_embd_v);
         l.k_blk    = ggml_new_tensor_2d(ctx, type_k, n_embd_k, std::max(n_cells, 1u));
         l.v_blk    = ggml_new_tensor_2d(ctx, type_v, n_embd_v, std::max(n_cells, 1u));
         l.repr     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd_k, n_blocks + 1);
         ggml_format_name(l.k_ring,   "infllm_k_ring_l%d", il);
-        ggml_format_name(l.v_ring_t, "infllm_v_ring_l%d", il);
+        ggml_format_name(l.v_ring,   "infllm_v_ring_l%d", il);
+        ggml_format_name(l.v_ring_t, "infllm_v_ring_t_l%d", il);
         ggml_format_name(l.k_blk,    "infllm_k_blk_l%d",  il);
         ggml_format_name(l.v_blk,    "infllm_v_blk_l%d",  il);
         ggml_format_name(l.repr,     "infllm_repr_l%d",   il);
 
-        ring_bytes  += ggml_nbytes(l.k_ring) + ggml_nbytes(l.v_ring_t);
+        ring_bytes  += ggml_nbytes(l.k_ring) + ggml_nbytes(l.v_ring) + ggml_nbytes(l.v_ring_t);
         block_bytes += ggml_nbytes(l.k_blk)  + ggml_nbytes(l.v_blk);
         repr_bytes  += ggml_nbytes(l.repr);
 

@@ -23,7 +23,8 @@ public:
     struct layer {
         uint32_t il;
         ggml_tensor * k_ring;    // [n_embd_k_gqa, n_ring]   keys after RoPE (true positions)
-        ggml_tensor * v_ring_t;  // [n_ring, n_embd_v_gqa]   values, transposed
+        ggml_tensor * v_ring;    // [n_embd_v_gqa, n_ring]   values (flash attention over the window alone)
+        ggml_tensor * v_ring_t;  // [n_ring, n_embd_v_gqa]   values, transposed (window + memory)
         ggml_tensor * k_blk;     // [n_embd_k_gqa, n_cells]  keys by position; un-rotated unless absolute
         ggml_tensor * v_blk;     // [n_embd_v_gqa, n_cells]  values by position
         ggml_tensor * repr;      // [n_embd_k_gqa, n_blocks + 1] f32 sum of un-rotated keys per block (+ scratch)

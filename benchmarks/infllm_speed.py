@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Decode and prefill speed of kv="infllm" against the stock cache at growing depths.
+
+Same build, same threads, one run. For each depth d (a multiple of 512) each cache runs
+generate() on a d-token prompt and then decodes --n-gen tokens:
+  prefill tok/s: the last 512-token chunk of the prompt (pp512 at depth d - 512), timed with
+                 the prompt-progress callback;
+  decode tok/s:  the single-token steps after the prompt (tg at depth d).
+The stock cache runs with flash attention on (its fastest CPU path); the InfLLM cache uses
+the default InfLLMConfig (block 128, n_init 128, n_local 4096, topk 16).
+Writes infllm_speed.json and infllm_speed.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import pyllama_inf as pi
+from pyllama_inf.testing import smollm2_path
+
+from _common import command, machine, now, prompt_of
+
+CHUNK = 512
+
+
+def measure(model: str, kv: str, depths: list[int], threads: int, n_gen: int) -> dict:
+    n_ctx = max(depths) + n_gen + 64
+    kwargs = dict(kv="infllm", infllm=pi.InfLLMConfig()) if kv == "infllm" else dict(flash_attn=True)
+    out = {}
+    with pi.Model(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=CHUNK, **kwargs) as m:
+        for d in depths:
+            prompt = prompt_of(m, d)
+            stamps = [(0, time.perf_counter())]
+            r = m.generate(prompt, max_tokens=n_gen + 1, temperature=0,
+                           progress=lambda done, total: stamps.append((done, time.perf_counter())))
+            (n0, t0), (n1, t1) = stamps[-2], stamps[-1]
+            out[d] = {"prefill_tok_s": (n1 - n0) / (t1 - t0), "decode_tok_s": r.timings.decode_tok_s,
+                      "decode_tokens": r.timings.decode_tokens, "prompt_tokens": r.n_prompt_tokens,
+                      "prompt_s": r.timings.prefill_s, "kv_device_bytes": m.kv_stats().device_bytes}
+            print(f"{kv:>6} depth {d:>6}: prefill {out[d]['prefill_tok_s']:7.1f} tok/s, "
+                  f"decode {out[d]['decode_tok_s']:6.2f} tok/s", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--depths", default="2048,8192,16384,32768")
+    ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    model = args.model or str(smollm2_path())
+    depths = [int(d) for d in args.depths.split(",")]
+
+    full = measure(model, "full", depths, args.threads, args.n_gen)
+    inf = measure(model, "infllm", depths, args.threads, args.n_gen)
+
+    rows = []
+    for d in depths:
+        rows.append({"depth": d,
+                     "full_prefill_tok_s": round(full[d]["prefill_tok_s"], 2),
+                     "infllm_prefill_tok_s": round(inf[d]["prefill_tok_s"], 2),
+                     "prefill_ratio": round(inf[d]["prefill_tok_s"] / full[d]["prefill_tok_s"], 3),
+                     "full_decode_tok_s": round(full[d]["decode_tok_s"], 2),
+                     "infllm_decode_tok_s": round(inf[d]["decode_tok_s"], 2),
+                     "decode_ratio": round(inf[d]["decode_tok_s"] / full[d]["decode_tok_s"], 3)})
+    meta = {"command": command(), "model": Path(model).name, "threads": args.threads, "n_gen": args.n_gen,
+            "infllm_config": dataclasses.asdict(pi.InfLLMConfig()),
+            "machine": machine(), "upstream_commit": pi.UPSTREAM_COMMIT, "date": now(),
+            "raw": {"full": full, "infllm": inf}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "infllm_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# InfLLM cache vs stock cache: prefill and decode speed",
+        "",
+        f"- model: {meta['model']}, threads: {args.threads}, stock cache with flash attention on, "
+        f"InfLLM defaults (block 128, n_init 128, n_local 4096, topk 16)",
+        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; llama.cpp {pi.UPSTREAM_COMMIT}",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        "",
+        "| depth | prefill full | prefill infllm | ratio | decode full | decode infllm | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['depth']} | {r['full_prefill_tok_s']:.1f} | {r['infllm_prefill_tok_s']:.1f} | "
+                     f"{r['prefill_ratio']:.2f}x | {r['full_decode_tok_s']:.2f} | {r['infllm_decode_tok_s']:.2f} | "
+                     f"{r['decode_ratio']:.2f}x |")
+    lines.append("")
+    lines.append("tok/s; prefill = the 512-token chunk ending at the depth, decode = single-token steps at the depth.")
+    (args.out / "infllm_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
