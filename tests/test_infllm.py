@@ -1,6 +1,5 @@
 """kv="infllm": equivalence with the stock cache, retrieval, stats, graph reuse, refusals."""
 
-import numpy as np
 import pytest
 
 import pyllama_inf as pi

