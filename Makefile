@@ -12,10 +12,14 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+
+# build tools inside the venv; re-checked when this Makefile changes
+$(VENV)/.build-deps: $(PY) Makefile
 	$(PY) -m pip install -q --upgrade $(BUILD_DEPS)
+	touch $@
 
 # editable install; re-run after changing C++ (the build dir is reused, so it is incremental)
-install: $(PY)
+install: $(VENV)/.build-deps
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]' \
 	    -Ccmake.define.PYLLAMA_UPSTREAM_TOOLS=ON
 

@@ -63,6 +63,9 @@ class InfLLMStats:
     block_bytes: int
     repr_bytes: int
     host_bytes: int
+    hits: int
+    misses: int
+    bytes_placed: int
 
 class KVInfo:
     n_tokens: int

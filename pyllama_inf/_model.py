@@ -74,8 +74,11 @@ class InfLLMStats:
     n_blocks_max: block capacity (n_ctx after the sinks, in blocks);
     selections: (ubatch, layer) top-k selections made over at least one memory block;
     n_ring: cells of the local window ring per layer;
-    ring_bytes / block_bytes / repr_bytes: device bytes of the local rings, the block
-    store and the representative keys.
+    ring_bytes / block_bytes / repr_bytes: device bytes of the attention working sets
+    (local ring, sinks and selected-block slots), the block store and the representative keys;
+    hits / misses: (layer, selected block) pairs found already in the working set / copied
+    into it; hit_rate = hits / (hits + misses) (0.0 before any selection);
+    bytes_placed: bytes copied into the working sets (selected blocks and sinks).
     """
 
     n_blocks: int
@@ -85,6 +88,14 @@ class InfLLMStats:
     ring_bytes: int
     block_bytes: int
     repr_bytes: int
+    hits: int
+    misses: int
+    bytes_placed: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -392,7 +403,7 @@ class Model:
             extra = None if inf is None else InfLLMStats(
                 n_blocks=inf.n_blocks, n_blocks_max=inf.n_blocks_max, selections=inf.selections,
                 n_ring=inf.n_ring, ring_bytes=inf.ring_bytes, block_bytes=inf.block_bytes,
-                repr_bytes=inf.repr_bytes)
+                repr_bytes=inf.repr_bytes, hits=inf.hits, misses=inf.misses, bytes_placed=inf.bytes_placed)
             return KVStats(kv=self.kv, n_tokens=info.n_tokens, n_ctx=s.n_ctx,
                            device_bytes=sum(buffers.values()), host_bytes=0 if inf is None else inf.host_bytes,
                            budget_bytes=self.kv_budget, buffers=buffers, graphs_reused=info.graphs_reused,

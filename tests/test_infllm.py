@@ -7,7 +7,9 @@ from pyllama_inf import passkey
 from pyllama_inf.cli import main
 
 
-def teacher_forced(path, tokens_text, n_ctx, flash_attn=False, **kw):
+# kv="infllm" computes attention with ggml's flash-attention kernel whatever flash_attn says,
+# so the stock reference runs that kernel too (its f16 accumulation alone moves logits ~1e-3)
+def teacher_forced(path, tokens_text, n_ctx, flash_attn=True, **kw):
     with pi.Model(path, n_ctx=n_ctx, n_threads=2, flash_attn=flash_attn, **kw) as m:
         ids = m.tokenize(tokens_text)
         return m.logits(ids), m.kv_stats()
@@ -40,12 +42,11 @@ def test_window_covering_context_equals_stock(smollm2, long_text, full_logits, p
     assert stats.infllm.n_blocks == 0
 
 
-def test_flash_attention_window_path_equals_stock(smollm2, long_text):
-    # while no block has left the window, the cache runs one flash-attention call over its ring
-    a, _ = teacher_forced(smollm2, long_text, 2048, flash_attn=True)
-    b, _ = teacher_forced(smollm2, long_text, 2048, flash_attn=True, kv="infllm", infllm=pi.InfLLMConfig(n_local=4096))
-    top1, nmse = agreement(a, b)
-    assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
+def test_flash_attn_setting_does_not_change_infllm(smollm2, long_text):
+    cfg = pi.InfLLMConfig(n_local=256, n_init=64, block_size=64, topk=8)
+    a, _ = teacher_forced(smollm2, long_text, 2048, flash_attn=True, kv="infllm", infllm=cfg)
+    b, _ = teacher_forced(smollm2, long_text, 2048, flash_attn=False, kv="infllm", infllm=cfg)
+    assert (a == b).all()
 
 
 def test_blocks_covering_context_with_absolute_positions_equal_stock(smollm2, long_text, full_logits):
@@ -79,7 +80,7 @@ def test_synthetic_model_equivalence(tiny_model):
 
 def test_greedy_generation_equals_stock_when_window_covers(smollm2):
     prompt = "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"
-    with pi.Model(smollm2, n_ctx=1024, n_threads=2, flash_attn=False) as f:
+    with pi.Model(smollm2, n_ctx=1024, n_threads=2, flash_attn=True) as f:
         a = f.generate(prompt, max_tokens=40, temperature=0)
     with pi.Model(smollm2, n_ctx=1024, n_threads=2, kv="infllm") as m:
         b = m.generate(prompt, max_tokens=40, temperature=0)

@@ -505,7 +505,10 @@ void register_session(py::module_ & m) {
         .def_readonly("ring_bytes",   &llama_infllm_stats::ring_bytes)
         .def_readonly("block_bytes",  &llama_infllm_stats::block_bytes)
         .def_readonly("repr_bytes",   &llama_infllm_stats::repr_bytes)
-        .def_readonly("host_bytes",   &llama_infllm_stats::host_bytes);
+        .def_readonly("host_bytes",   &llama_infllm_stats::host_bytes)
+        .def_readonly("hits",         &llama_infllm_stats::hits)
+        .def_readonly("misses",       &llama_infllm_stats::misses)
+        .def_readonly("bytes_placed", &llama_infllm_stats::bytes_placed);
 
     py::class_<sampling_params>(m, "SamplingParams", "Options for one generation.")
         .def(py::init<>())

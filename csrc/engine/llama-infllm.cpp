@@ -10,15 +10,44 @@
 #include "llama-model.h"
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
 namespace {
 
+// routes the scheduler's eval callback: the cache's sync nodes to the cache, the rest to a
+// callback the caller may have set in llama_context_params
+struct infllm_router {
+    llama_kv_cache_infllm * cache = nullptr;
+    ggml_backend_sched_eval_callback user_cb = nullptr;
+    void * user_data = nullptr;
+};
+
+bool infllm_is_sync_node(const ggml_tensor * t) {
+    const size_t n = std::strlen(llama_kv_cache_infllm::SYNC_NODE);
+    return std::strncmp(t->name, llama_kv_cache_infllm::SYNC_NODE, n) == 0;
+}
+
+bool infllm_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
+    auto * r = (infllm_router *) user_data;
+    if (r->cache != nullptr && infllm_is_sync_node(t)) {
+        if (!ask) {
+            const int il = std::atoi(t->name + std::strlen(llama_kv_cache_infllm::SYNC_NODE));
+            r->cache->place_memory(il, t->op == GGML_OP_TOP_K ? t : nullptr);
+        }
+        return true;
+    }
+    return r->user_cb != nullptr ? r->user_cb(t, ask, r->user_data) : false;
+}
+
 // set by llama_init_from_model_infllm for the duration of llama_init_from_model on this thread
 struct infllm_pending {
     llama_infllm_params params;
     std::string error;
+    infllm_router * router = nullptr;
 };
 
 thread_local infllm_pending * g_pending = nullptr;
@@ -46,7 +75,7 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     if (hp.rope_scaling_type_train == LLAMA_ROPE_SCALING_TYPE_YARN || cparams.yarn_ext_factor > 0.0f) {
         refuse("YaRN RoPE scaling is not supported");
     }
-    if (hp.rope_type == LLAMA_ROPE_TYPE_NONE || hp.n_pos_per_embd() != 1) {
+    if ((hp.rope_type != LLAMA_ROPE_TYPE_NORM && hp.rope_type != LLAMA_ROPE_TYPE_NEOX) || hp.n_pos_per_embd() != 1) {
         refuse("the model must use plain RoPE positions");
     }
     if (hp.is_n_embd_k_gqa_variable() || hp.is_n_embd_v_gqa_variable()) {
@@ -81,8 +110,20 @@ llama_memory_i * llama_infllm_create_memory(const llama_model & model, const lla
     }
     try {
         infllm_check_supported(model, params, cparams, g_pending->params);
-        return new llama_kv_cache_infllm(model, g_pending->params, params.type_k, params.type_v,
-                                         cparams.offload_kqv, cparams.n_ctx_seq, cparams.n_ubatch);
+        const llama_kv_cache_infllm::rope_params rope = {
+            /*.n_rot       =*/ (int) model.hparams.n_rot(),
+            /*.neox        =*/ model.hparams.rope_type == LLAMA_ROPE_TYPE_NEOX,
+            /*.freq_base   =*/ cparams.rope_freq_base,
+            /*.freq_scale  =*/ cparams.rope_freq_scale,
+            /*.attn_factor =*/ cparams.yarn_attn_factor,
+        };
+        auto * cache = new llama_kv_cache_infllm(model, g_pending->params, rope, params.type_k, params.type_v,
+                                                 cparams.offload_kqv, cparams.n_ctx_seq, cparams.n_ubatch);
+        cache->set_router(std::unique_ptr<void, void (*)(void *)>(g_pending->router,
+                [](void * p) { delete (infllm_router *) p; }));
+        g_pending->router->cache = cache;
+        g_pending->router = nullptr;   // owned by the cache now
+        return cache;
     } catch (const std::exception & e) {
         g_pending->error = e.what();
         throw;
@@ -118,7 +159,15 @@ llama_context * llama_init_from_model_infllm(llama_model * model, llama_context_
     if (cparams.n_seq_max > 1) {
         return fail("InfLLM cache: n_seq_max > 1 is not supported (single sequence)");
     }
-    infllm_pending pending{*iparams, {}};
+    // the cache places each layer's memory between the selection and the attention, from the
+    // scheduler's eval callback
+    auto * router = new infllm_router;
+    router->user_cb   = cparams.cb_eval;
+    router->user_data = cparams.cb_eval_user_data;
+    cparams.cb_eval           = infllm_eval_cb;
+    cparams.cb_eval_user_data = router;
+
+    infllm_pending pending{*iparams, {}, router};
     g_pending = &pending;
     llama_context * ctx = nullptr;
     try {
@@ -127,6 +176,7 @@ llama_context * llama_init_from_model_infllm(llama_model * model, llama_context_
         pending.error = e.what();
     }
     g_pending = nullptr;
+    delete pending.router;   // not null only when no cache took it
     if (ctx == nullptr) {
         return fail(pending.error.empty() ? "llama.cpp could not create the context (see its log)" : pending.error);
     }
@@ -150,6 +200,6 @@ int32_t llama_infllm_get_stats(const llama_context * ctx, llama_infllm_stats * s
 }
 
 uint32_t llama_infllm_extra_graph_nodes(const llama_memory_i * memory, uint32_t n_layer) {
-    // about 50 nodes per layer (writes, selection, gather, two score blocks, softmax, two P·V)
+    // about 30 nodes per layer (writes, representative keys, selection, attention)
     return dynamic_cast<const llama_kv_cache_infllm *>(memory) != nullptr ? 64u*n_layer : 0u;
 }

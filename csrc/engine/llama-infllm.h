@@ -32,6 +32,9 @@ extern "C" {
         size_t   block_bytes;   // device bytes of the block store
         size_t   repr_bytes;    // device bytes of the representative keys
         size_t   host_bytes;    // bytes of the host tier (none yet)
+        int64_t  hits;          // (layer, selected block) pairs already in the working set
+        int64_t  misses;        // (layer, selected block) pairs copied into the working set
+        size_t   bytes_placed;  // bytes copied into working sets (blocks and sinks)
     };
 
     LLAMA_API struct llama_infllm_params llama_infllm_default_params(void);

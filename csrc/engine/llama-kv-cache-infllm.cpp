@@ -4,6 +4,7 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 //
@@ -21,7 +22,7 @@ static uint32_t infllm_n_blocks(const llama_infllm_params & p, uint32_t n_ctx) {
 }
 
 llama_kv_cache_infllm::llama_kv_cache_infllm(
-        const llama_model & model, const llama_infllm_params & params,
+        const llama_model & model, const llama_infllm_params & params, const rope_params & rope,
         ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
     params(params),
     hparams(model.hparams),
@@ -29,7 +30,9 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     n_ring(infllm_ring_size(params, n_ctx, n_ubatch)),
     n_blocks(infllm_n_blocks(params, n_ctx)),
     n_sel(std::min(params.topk, infllm_n_blocks(params, n_ctx))),
-    n_ubatch(n_ubatch) {
+    n_mem_max(params.n_init + n_sel*params.block_size),
+    n_ubatch(n_ubatch),
+    rope(rope) {
     const uint32_t n_cells = params.n_init + n_blocks*params.block_size;
 
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
@@ -64,25 +67,28 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
 
         layer l;
         l.il       = il;
-        l.k_ring   = ggml_new_tensor_2d(ctx, type_k, n_embd_k, n_ring);
-        l.v_ring   = ggml_new_tensor_2d(ctx, type_v, n_embd_v, n_ring);
-        l.v_ring_t = ggml_new_tensor_2d(ctx, type_v, n_ring, n_embd_v);
+        l.k_work   = ggml_new_tensor_2d(ctx, type_k, n_embd_k, n_mem_max + n_ring);
+        l.v_work   = ggml_new_tensor_2d(ctx, type_v, n_embd_v, n_mem_max + n_ring);
         l.k_blk    = ggml_new_tensor_2d(ctx, type_k, n_embd_k, std::max(n_cells, 1u));
         l.v_blk    = ggml_new_tensor_2d(ctx, type_v, n_embd_v, std::max(n_cells, 1u));
         l.repr     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd_k, n_blocks + 1);
-        ggml_format_name(l.k_ring,   "infllm_k_ring_l%d", il);
-        ggml_format_name(l.v_ring,   "infllm_v_ring_l%d", il);
-        ggml_format_name(l.v_ring_t, "infllm_v_ring_t_l%d", il);
+        ggml_format_name(l.k_work,   "infllm_k_work_l%d", il);
+        ggml_format_name(l.v_work,   "infllm_v_work_l%d", il);
         ggml_format_name(l.k_blk,    "infllm_k_blk_l%d",  il);
         ggml_format_name(l.v_blk,    "infllm_v_blk_l%d",  il);
         ggml_format_name(l.repr,     "infllm_repr_l%d",   il);
 
-        ring_bytes  += ggml_nbytes(l.k_ring) + ggml_nbytes(l.v_ring) + ggml_nbytes(l.v_ring_t);
+        ring_bytes  += ggml_nbytes(l.k_work) + ggml_nbytes(l.v_work);
         block_bytes += ggml_nbytes(l.k_blk)  + ggml_nbytes(l.v_blk);
         repr_bytes  += ggml_nbytes(l.repr);
 
         map_layer_ids[il] = layers.size();
         layers.push_back(l);
+    }
+    slots.resize(layers.size());
+    for (auto & s : slots) {
+        s.blk.assign(n_sel, -1);
+        s.ref.assign(n_sel, 0);
     }
 
     for (auto & [buft, ctx] : ctx_map) {
@@ -125,6 +131,10 @@ uint32_t llama_kv_cache_infllm::n_evicted(llama_pos ls) const {
 uint32_t llama_kv_cache_infllm::n_ring_used(llama_pos p_end) const {
     // like the stock cache, attend to the written cells rounded up to 256 until the ring is full
     return p_end >= (llama_pos) n_ring ? n_ring : std::min<uint32_t>(n_ring, GGML_PAD((uint32_t) p_end, 256u));
+}
+
+uint32_t llama_kv_cache_infllm::n_selected(llama_pos ls) const {
+    return std::min(n_sel, n_evicted(ls));
 }
 
 const llama_kv_cache_infllm::layer & llama_kv_cache_infllm::get_layer(int32_t il) const {
@@ -178,7 +188,129 @@ void llama_kv_cache_infllm::clear(bool data) {
     for (const auto & l : layers) {
         ggml_backend_tensor_memset(l.repr, 0, 0, ggml_nbytes(l.repr));
     }
+    for (auto & s : slots) {
+        std::fill(s.blk.begin(), s.blk.end(), -1);
+        s.sinks_ok = false;
+    }
     GGML_UNUSED(data);
+}
+
+// RoPE as ggml's CPU kernel computes it (no YaRN, no frequency factors: both are refused)
+template <typename T> static float to_f32(T x);
+template <> float to_f32<float>(float x) { return x; }
+template <> float to_f32<ggml_fp16_t>(ggml_fp16_t x) { return ggml_fp16_to_fp32(x); }
+template <typename T> static T from_f32(float x);
+template <> float from_f32<float>(float x) { return x; }
+template <> ggml_fp16_t from_f32<ggml_fp16_t>(float x) { return ggml_fp32_to_fp16(x); }
+
+template <typename T>
+static void rotate_rows(const T * src, T * dst, int64_t n_rows, int64_t d, int n_rot, bool neox, const float * cs) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const T * x = src + r*d;
+        T * y = dst + r*d;
+        for (int64_t i = n_rot; i < d; ++i) {
+            y[i] = x[i];
+        }
+        for (int i0 = 0; i0 < n_rot; i0 += 2) {
+            const int ic  = neox ? i0/2 : i0;
+            const int off = neox ? n_rot/2 : 1;
+            const float c = cs[i0], s = cs[i0 + 1];
+            const float x0 = to_f32(x[ic]), x1 = to_f32(x[ic + off]);
+            y[ic]       = from_f32<T>(x0*c - x1*s);
+            y[ic + off] = from_f32<T>(x0*s + x1*c);
+        }
+    }
+}
+
+void llama_kv_cache_infllm::copy_rows(const layer & l, llama_pos pos, uint32_t n, uint32_t row, llama_pos ref) {
+    const size_t kb = l.k_blk->nb[1]*n;
+    const size_t vb = l.v_blk->nb[1]*n;
+    const size_t k_src = (size_t) pos*l.k_blk->nb[1];
+    const size_t v_src = (size_t) pos*l.v_blk->nb[1];
+    const size_t k_dst = (size_t) row*l.k_work->nb[1];
+    const size_t v_dst = (size_t) row*l.v_work->nb[1];
+    staging.resize(std::max(kb, vb)*2);
+    uint8_t * a = staging.data();
+    uint8_t * b = staging.data() + std::max(kb, vb);
+
+    ggml_backend_tensor_get(l.v_blk, a, v_src, vb);
+    ggml_backend_tensor_set(l.v_work, a, v_dst, vb);
+
+    ggml_backend_tensor_get(l.k_blk, a, k_src, kb);
+    if (!params.absolute) {
+        // raw keys (position 0) -> position ref
+        const int64_t d = hparams.n_embd_head_k(l.il);
+        const int64_t n_rows = (int64_t) n*(l.k_blk->ne[0]/d);
+        rope_cache.resize(rope.n_rot);
+        const float theta_scale = powf(rope.freq_base, -2.0f/rope.n_rot);
+        float theta = (float) ref;
+        for (int i0 = 0; i0 < rope.n_rot; i0 += 2) {
+            const float t = rope.freq_scale*theta;
+            rope_cache[i0]     = cosf(t)*rope.attn_factor;
+            rope_cache[i0 + 1] = sinf(t)*rope.attn_factor;
+            theta *= theta_scale;
+        }
+        if (l.k_blk->type == GGML_TYPE_F16) {
+            rotate_rows((const ggml_fp16_t *) a, (ggml_fp16_t *) b, n_rows, d, rope.n_rot, rope.neox, rope_cache.data());
+        } else {
+            rotate_rows((const float *) a, (float *) b, n_rows, d, rope.n_rot, rope.neox, rope_cache.data());
+        }
+        std::swap(a, b);
+    }
+    ggml_backend_tensor_set(l.k_work, a, k_dst, kb);
+    bytes_placed += kb + vb;
+}
+
+void llama_kv_cache_infllm::place_memory(int32_t il, const ggml_tensor * sel) {
+    const auto & l = get_layer(il);
+    auto & st = slots.at(map_layer_ids.at(il));
+    const llama_pos ref = params.absolute ? 0 : memory_position(cur_ls);
+    const uint32_t bs = params.block_size;
+
+    if (params.n_init > 0 && (!st.sinks_ok || st.sinks_ref != ref)) {
+        copy_rows(l, 0, params.n_init, n_sel*bs, ref);
+        st.sinks_ok  = true;
+        st.sinks_ref = ref;
+    }
+    if (sel == nullptr) {
+        return;
+    }
+
+    const uint32_t n = (uint32_t) ggml_nelements(sel);
+    GGML_ASSERT(n <= n_sel);
+    std::vector<int32_t> ids(n);
+    ggml_backend_tensor_get(sel, ids.data(), 0, n*sizeof(int32_t));
+
+    // the usable slots are the last n (the attended rows end at the sinks)
+    const uint32_t first = n_sel - n;
+    std::vector<bool> keep(n_sel, false);
+    std::vector<int32_t> missing;
+    for (const int32_t b : ids) {
+        GGML_ASSERT(b >= 0 && (uint32_t) b < n_blocks);
+        bool hit = false;
+        for (uint32_t j = first; j < n_sel; ++j) {
+            if (!keep[j] && st.blk[j] == b && st.ref[j] == ref) {
+                keep[j] = hit = true;
+                break;
+            }
+        }
+        if (hit) {
+            ++blk_hits;
+        } else {
+            missing.push_back(b);
+        }
+    }
+    uint32_t j = first;
+    for (const int32_t b : missing) {
+        while (keep[j]) {
+            ++j;
+        }
+        copy_rows(l, (llama_pos) (params.n_init + (uint32_t) b*bs), bs, j*bs, ref);
+        st.blk[j] = b;
+        st.ref[j] = ref;
+        keep[j]   = true;
+        ++blk_misses;
+    }
 }
 
 bool llama_kv_cache_infllm::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
@@ -254,6 +386,9 @@ void llama_kv_cache_infllm::get_stats(llama_infllm_stats & s) const {
     s.block_bytes  = block_bytes;
     s.repr_bytes   = repr_bytes;
     s.host_bytes   = 0;
+    s.hits         = blk_hits;
+    s.misses       = blk_misses;
+    s.bytes_placed = bytes_placed;
 }
 
 //
@@ -285,6 +420,7 @@ bool llama_kv_cache_infllm_context::apply() {
     if (cache->n_evicted(cache->window_start(p0)) > 0 && cache->n_sel > 0) {
         cache->selections += cache->hparams.n_layer();
     }
+    cache->cur_ls   = cache->window_start(p0);
     cache->n_tokens = (uint32_t) (p0 + (llama_pos) ub.n_tokens);
     return true;
 }
