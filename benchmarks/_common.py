@@ -48,3 +48,11 @@ def prompt_of(m: pi.Model, n_tokens: int) -> str:
     if abs(got - n_tokens) > 2:
         raise RuntimeError(f"could not build a {n_tokens}-token prompt (got {got})")
     return text
+
+
+def write_markdown(out: Path, name: str, lines: list[str]) -> int:
+    """Write lines as out/name.md, print them, and return 0 (the script's exit status)."""
+    text = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(text)
+    print(text, end="")
+    return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyllama_inf as pi
 from pyllama_inf.testing import smollm2_path
 
-from _common import command, machine, now, prompt_of
+from _common import command, machine, now, prompt_of, write_markdown
 
 CHUNK = 512
 
@@ -94,9 +94,7 @@ def main() -> int:
                      f"{r['decode_ratio']:.2f}x |")
     lines.append("")
     lines.append("tok/s; prefill = the 512-token chunk ending at the depth, decode = single-token steps at the depth.")
-    (args.out / "infllm_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_markdown(args.out, "infllm_speed", lines)
 
 
 if __name__ == "__main__":

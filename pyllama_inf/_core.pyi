@@ -29,6 +29,8 @@ class SessionParams:
     topk: int
     repr_topk: int
     absolute: bool
+    budget_bytes: int
+    host_budget: int
     def __init__(self) -> None: ...
 
 class SamplingParams:
@@ -59,13 +61,20 @@ class InfLLMStats:
     n_blocks_max: int
     selections: int
     n_ring: int
-    ring_bytes: int
-    block_bytes: int
+    n_pool: int
+    work_bytes: int
+    pool_bytes: int
     repr_bytes: int
+    device_bytes: int
+    budget_bytes: int
     host_bytes: int
+    blocks_resident: int
     hits: int
+    pool_hits: int
     misses: int
-    bytes_placed: int
+    bytes_h2d: int
+    bytes_d2h: int
+    transfer_wait_s: float
 
 class KVInfo:
     n_tokens: int

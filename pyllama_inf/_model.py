@@ -6,14 +6,14 @@ import operator
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
 from .config import InfLLMConfig, parse_bytes
-from .errors import ModelClosedError, UnsupportedError
+from .errors import ModelClosedError
 from .gguf_info import check_gguf
 from ._text import TextAssembler
 
@@ -74,23 +74,38 @@ class InfLLMStats:
     n_blocks_max: block capacity (n_ctx after the sinks, in blocks);
     selections: (ubatch, layer) top-k selections made over at least one memory block;
     n_ring: cells of the local window ring per layer;
-    ring_bytes / block_bytes / repr_bytes: device bytes of the attention working sets
-    (local ring, sinks and selected-block slots), the block store and the representative keys;
-    hits / misses: (layer, selected block) pairs found already in the working set / copied
-    into it; hit_rate = hits / (hits + misses) (0.0 before any selection);
-    bytes_placed: bytes copied into the working sets (selected blocks and sinks).
+    n_pool: device block-cache slots per layer (bought by ``kv_budget``; 0 without one);
+    work_bytes / pool_bytes / repr_bytes: device bytes of the attention working sets (local
+        ring, sinks, selected-block slots), of the block cache and of the representative keys;
+    device_bytes: their sum (never above budget_bytes when a budget is set);
+    budget_bytes: the device byte budget (0: none);
+    host_bytes: bytes of the host block store (evicted blocks and the sinks; grows in chunks);
+    blocks_resident: (layer, block) pairs on the device, working sets and block cache;
+    hits / misses: (layer, picked block) pairs found on the device / fetched from the host
+        store; pool_hits: the hits copied from the block cache; hit_rate = hits / (hits + misses);
+    bytes_h2d / bytes_d2h: bytes moved host -> device (blocks, sinks, representative keys) and
+        device -> host (evicted blocks);
+    transfer_wait_s: time spent waiting for those transfers.
     """
 
     n_blocks: int
     n_blocks_max: int
     selections: int
     n_ring: int
-    ring_bytes: int
-    block_bytes: int
+    n_pool: int
+    work_bytes: int
+    pool_bytes: int
     repr_bytes: int
+    device_bytes: int
+    budget_bytes: int
+    host_bytes: int
+    blocks_resident: int
     hits: int
+    pool_hits: int
     misses: int
-    bytes_placed: int
+    bytes_h2d: int
+    bytes_d2h: int
+    transfer_wait_s: float
 
     @property
     def hit_rate(self) -> float:
@@ -203,8 +218,12 @@ class Model:
         each query attends to the first n_init tokens, the top-k most relevant past blocks
         and the local window (see :class:`InfLLMConfig`). It serves one sequence of plain
         RoPE attention (no SWA, MLA, YaRN, recurrent layers) and ignores ``flash_attn``.
-    kv_budget: device byte budget of the KV cache (int or "256MiB"); with kv="infllm" only,
-        and not available yet (``UnsupportedError``).
+    kv_budget: device byte budget of the InfLLM cache (int or "256MiB"; kv="infllm" only).
+        It must hold the local window, the sinks, the selected-block slots and the
+        representative keys (``ValueError`` names the minimum); what is left buys a device
+        block cache. Evicted blocks always live in a host store. None: no block cache.
+    host_budget: bytes the host block store may reach at n_ctx (kv="infllm" only);
+        ``ValueError`` at load when n_ctx would need more. None: unbounded.
     infllm: an :class:`InfLLMConfig` (default: ``InfLLMConfig()``); only with kv="infllm".
     seed: default sampling seed (None: a random one per generation).
 
@@ -216,7 +235,7 @@ class Model:
                  n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
                  flash_attn: Optional[bool] = None, kv: str = "full",
                  kv_budget: Union[int, str, None] = None, infllm: Optional[InfLLMConfig] = None,
-                 seed: Optional[int] = None) -> None:
+                 host_budget: Union[int, str, None] = None, seed: Optional[int] = None) -> None:
         self._session = None
         self._lock = threading.RLock()
         path = _check_path(path)
@@ -233,15 +252,18 @@ class Model:
         if kv not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
         budget = parse_bytes(kv_budget, name="kv_budget")
+        host = parse_bytes(host_budget, name="host_budget")
         if infllm is not None and not isinstance(infllm, InfLLMConfig):
             raise TypeError(f"infllm must be an InfLLMConfig, not {type(infllm).__name__}")
-        if kv == "full" and (budget is not None or infllm is not None):
-            raise ValueError("kv_budget and infllm apply to kv='infllm' only; the stock cache "
-                             "(kv='full') keeps the whole context")
+        if kv == "full" and (budget is not None or host is not None or infllm is not None):
+            raise ValueError("kv_budget, host_budget and infllm apply to kv='infllm' only; the stock "
+                             "cache (kv='full') keeps the whole context")
+        for name, value in (("kv_budget", budget), ("host_budget", host)):
+            if value == 0:
+                raise ValueError(f"{name} must be more than 0 bytes (None: no budget)")
         if kv == "infllm":
-            if budget is not None:
-                raise UnsupportedError("kv_budget (a device byte budget with a host block store) is not "
-                                       "available yet: the InfLLM cache keeps all blocks in device memory")
+            params.budget_bytes = budget or 0
+            params.host_budget = host or 0
             infllm = InfLLMConfig() if infllm is None else infllm
             params.infllm = True
             params.block_size = infllm.block_size
@@ -254,6 +276,7 @@ class Model:
         self._seed = None if seed is None else _check_int("seed", seed, 0, _MAX_SEED)
         self.kv = kv
         self.kv_budget = budget
+        self.host_budget = host
         self.path = path
         check_gguf(path)
         self._session = _core.Session(params)
@@ -401,11 +424,10 @@ class Model:
             buffers = {b.name: b.bytes for b in info.buffers}
             inf = info.infllm
             extra = None if inf is None else InfLLMStats(
-                n_blocks=inf.n_blocks, n_blocks_max=inf.n_blocks_max, selections=inf.selections,
-                n_ring=inf.n_ring, ring_bytes=inf.ring_bytes, block_bytes=inf.block_bytes,
-                repr_bytes=inf.repr_bytes, hits=inf.hits, misses=inf.misses, bytes_placed=inf.bytes_placed)
+                **{f.name: getattr(inf, f.name) for f in fields(InfLLMStats)})
             return KVStats(kv=self.kv, n_tokens=info.n_tokens, n_ctx=s.n_ctx,
-                           device_bytes=sum(buffers.values()), host_bytes=0 if inf is None else inf.host_bytes,
+                           device_bytes=sum(buffers.values()) if inf is None else inf.device_bytes,
+                           host_bytes=0 if inf is None else inf.host_bytes,
                            budget_bytes=self.kv_budget, buffers=buffers, graphs_reused=info.graphs_reused,
                            infllm=extra)
 

@@ -210,6 +210,9 @@ session::session(const session_params & params) {
                 if (why.rfind("InfLLM cache:", 0) == 0) {
                     throw unsupported_error(why);
                 }
+                if (why.rfind("kv_budget", 0) == 0 || why.rfind("host_budget", 0) == 0) {
+                    throw py::value_error(why);
+                }
                 throw model_load_error("could not create an InfLLM context for '" + params.path + "': " + why);
             }
         } else {
@@ -494,21 +497,32 @@ void register_session(py::module_ & m) {
         .def_property("repr_topk",  [](const session_params & p) { return p.iparams.repr_topk; },
                                     [](session_params & p, uint32_t v) { p.iparams.repr_topk = v; })
         .def_property("absolute",   [](const session_params & p) { return p.iparams.absolute; },
-                                    [](session_params & p, bool v) { p.iparams.absolute = v; });
+                                    [](session_params & p, bool v) { p.iparams.absolute = v; })
+        .def_property("budget_bytes", [](const session_params & p) { return p.iparams.budget_bytes; },
+                                      [](session_params & p, size_t v) { p.iparams.budget_bytes = v; })
+        .def_property("host_budget",  [](const session_params & p) { return p.iparams.host_budget; },
+                                      [](session_params & p, size_t v) { p.iparams.host_budget = v; });
 
     py::class_<llama_infllm_stats>(m, "InfLLMStats", "Counters of the InfLLM cache.")
-        .def_readonly("n_tokens",     &llama_infllm_stats::n_tokens)
-        .def_readonly("n_blocks",     &llama_infllm_stats::n_blocks)
-        .def_readonly("n_blocks_max", &llama_infllm_stats::n_blocks_max)
-        .def_readonly("selections",   &llama_infllm_stats::selections)
-        .def_readonly("n_ring",       &llama_infllm_stats::n_ring)
-        .def_readonly("ring_bytes",   &llama_infllm_stats::ring_bytes)
-        .def_readonly("block_bytes",  &llama_infllm_stats::block_bytes)
-        .def_readonly("repr_bytes",   &llama_infllm_stats::repr_bytes)
-        .def_readonly("host_bytes",   &llama_infllm_stats::host_bytes)
-        .def_readonly("hits",         &llama_infllm_stats::hits)
-        .def_readonly("misses",       &llama_infllm_stats::misses)
-        .def_readonly("bytes_placed", &llama_infllm_stats::bytes_placed);
+        .def_readonly("n_tokens",        &llama_infllm_stats::n_tokens)
+        .def_readonly("n_blocks",        &llama_infllm_stats::n_blocks)
+        .def_readonly("n_blocks_max",    &llama_infllm_stats::n_blocks_max)
+        .def_readonly("selections",      &llama_infllm_stats::selections)
+        .def_readonly("n_ring",          &llama_infllm_stats::n_ring)
+        .def_readonly("n_pool",          &llama_infllm_stats::n_pool)
+        .def_readonly("work_bytes",      &llama_infllm_stats::work_bytes)
+        .def_readonly("pool_bytes",      &llama_infllm_stats::pool_bytes)
+        .def_readonly("repr_bytes",      &llama_infllm_stats::repr_bytes)
+        .def_readonly("device_bytes",    &llama_infllm_stats::device_bytes)
+        .def_readonly("budget_bytes",    &llama_infllm_stats::budget_bytes)
+        .def_readonly("host_bytes",      &llama_infllm_stats::host_bytes)
+        .def_readonly("blocks_resident", &llama_infllm_stats::blocks_resident)
+        .def_readonly("hits",            &llama_infllm_stats::hits)
+        .def_readonly("pool_hits",       &llama_infllm_stats::pool_hits)
+        .def_readonly("misses",          &llama_infllm_stats::misses)
+        .def_readonly("bytes_h2d",       &llama_infllm_stats::bytes_h2d)
+        .def_readonly("bytes_d2h",       &llama_infllm_stats::bytes_d2h)
+        .def_readonly("transfer_wait_s", &llama_infllm_stats::transfer_wait_s);
 
     py::class_<sampling_params>(m, "SamplingParams", "Options for one generation.")
         .def(py::init<>())

@@ -21,18 +21,13 @@ public:
     bool can_reuse(const llm_graph_params & params) override;
 
     ggml_tensor * ring_idx    = nullptr; // I32 [n_tokens]            working-set row of each token (ring part)
-    ggml_tensor * pos_idx     = nullptr; // I32 [n_tokens]            position (block store cell)
-    ggml_tensor * pos_neg     = nullptr; // I32 [n_tokens]            -position (un-rotation)
     ggml_tensor * sel_pos     = nullptr; // I32 [1]                   -(memory position): the selection query shift
     ggml_tensor * kq_mask     = nullptr; // F16 [n_mem + n_ring, n_tokens]
     ggml_tensor * blk_bias    = nullptr; // F32 [1, n_blocks]         0 for memory blocks, -inf otherwise
-    ggml_tensor * repr_blk    = nullptr; // I32 [n_repr]              blocks touched by the ubatch (+ scratch)
-    ggml_tensor * repr_assign = nullptr; // F32 [n_tokens, n_repr]    token -> block one-hot
-
-    uint32_t n_repr = 0;
     uint32_t n_ring = 0;       // ring cells attended
     uint32_t n_sel  = 0;       // blocks selected (0 while there are none, or topk is 0)
     bool     memory = false;   // the window start is past 0: sinks and blocks are memory
+    bool     evict  = false;   // blocks (or the sinks) leave the window in this ubatch
 
     const llama_kv_cache_infllm_context * mctx_infllm;
 };
@@ -47,6 +42,7 @@ struct infllm_shape {
     uint32_t n_ring = 0;
     uint32_t n_sel  = 0;
     bool     memory = false;
+    bool     evict  = false;
 
     infllm_shape(const llama_kv_cache_infllm_context * mctx, const llama_ubatch & ubatch) {
         const llama_kv_cache_infllm * c = mctx->get_cache();
@@ -55,12 +51,14 @@ struct infllm_shape {
             n_ring = c->n_ring;
             n_sel  = c->n_sel;
             memory = true;
+            evict  = true;
             return;
         }
         const llama_pos ls = c->window_start(ubatch.pos[0]);
         n_ring = c->n_ring_used(ubatch.pos[0] + (llama_pos) ubatch.n_tokens);
         memory = ls > 0;
         n_sel  = memory ? c->n_selected(ls) : 0;
+        evict  = memory && c->needs_eviction(ls);
     }
 
     uint32_t n_mem(const llama_infllm_params & p) const { return infllm_n_mem(p, memory, n_sel); }
@@ -82,13 +80,8 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
     const uint32_t n_ev   = c->n_evicted(ls);
 
     auto * ri = (int32_t *) ring_idx->data;
-    auto * pi = (int32_t *) pos_idx->data;
-    auto * pn = (int32_t *) pos_neg->data;
     for (uint32_t i = 0; i < n_q; ++i) {
-        const llama_pos pos = ubatch->pos[i];
-        ri[i] = (int32_t) (c->n_mem_max + pos % n_ring);   // the ring follows the slots and the sinks
-        pi[i] = pos;
-        pn[i] = -pos;
+        ri[i] = (int32_t) (c->n_mem_max + ubatch->pos[i] % n_ring);   // the ring follows the slots and the sinks
     }
     if (sel_pos) {
         *(int32_t *) sel_pos->data = -llama_kv_cache_infllm::memory_position(ls);
@@ -121,27 +114,6 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
             bb[b] = b < n_ev ? 0.0f : NEG_INF;
         }
     }
-    if (repr_blk) {
-        auto * rb = (int32_t *) repr_blk->data;
-        auto * ra = (float *) repr_assign->data;
-        std::fill(rb, rb + n_repr, (int32_t) c->n_blocks);   // scratch row
-        std::fill(ra, ra + (size_t) n_q*n_repr, 0.0f);
-        uint32_t e = 0;
-        int32_t last_blk = -1;
-        for (uint32_t i = 0; i < n_q; ++i) {
-            const llama_pos pos = ubatch->pos[i];
-            if (pos < (llama_pos) p.n_init) {
-                continue;
-            }
-            const int32_t b = (pos - (llama_pos) p.n_init)/(llama_pos) p.block_size;
-            if (b != last_blk) {
-                GGML_ASSERT(e < n_repr);
-                rb[e++] = b;
-                last_blk = b;
-            }
-            ra[(e - 1)*n_q + i] = 1.0f;
-        }
-    }
 }
 
 bool llm_graph_input_attn_infllm::can_reuse(const llm_graph_params & params) {
@@ -151,7 +123,8 @@ bool llm_graph_input_attn_infllm::can_reuse(const llm_graph_params & params) {
     }
     const infllm_shape now(m, params.ubatch);
     mctx_infllm = m;
-    return ring_idx->ne[0] == params.ubatch.n_tokens && now.n_ring == n_ring && now.n_sel == n_sel && now.memory == memory;
+    return ring_idx->ne[0] == params.ubatch.n_tokens && now.n_ring == n_ring && now.n_sel == n_sel &&
+           now.memory == memory && now.evict == evict;
 }
 
 //
@@ -173,6 +146,7 @@ llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & 
     inp->n_ring = shape.n_ring;
     inp->n_sel  = shape.n_sel;
     inp->memory = shape.memory;
+    inp->evict  = shape.evict;
 
     auto input = [&](ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
         ggml_tensor * t = ggml_new_tensor_2d(ctx0, type, ne0, ne1);
@@ -181,17 +155,10 @@ llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & 
         return t;
     };
     inp->ring_idx = input(GGML_TYPE_I32, n_q, 1, "infllm_ring_idx");
-    inp->pos_idx  = input(GGML_TYPE_I32, n_q, 1, "infllm_pos_idx");
-    inp->pos_neg  = input(GGML_TYPE_I32, n_q, 1, "infllm_pos_neg");
     inp->kq_mask  = input(GGML_TYPE_F16, shape.n_mem(p) + shape.n_ring, n_q, "infllm_kq_mask");
     if (inp->n_sel > 0) {
         inp->sel_pos  = input(GGML_TYPE_I32, 1, 1, "infllm_sel_pos");
         inp->blk_bias = input(GGML_TYPE_F32, 1, c->n_blocks, "infllm_blk_bias");
-    }
-    if (c->n_blocks > 0) {
-        inp->n_repr      = (uint32_t) (n_q/p.block_size + 2);
-        inp->repr_blk    = input(GGML_TYPE_I32, inp->n_repr, 1, "infllm_repr_blk");
-        inp->repr_assign = input(GGML_TYPE_F32, n_q, inp->n_repr, "infllm_repr_assign");
     }
 
     return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
@@ -258,31 +225,28 @@ ggml_tensor * llama_infllm_build_attn(
     ggml_build_forward_expand(gf, k_cur);
 
     //
-    // writes: ring, block store, representative key sums
+    // memory: top-k blocks by Σ q̄·repr. The scheduler stops at the evict node (when blocks
+    // left the window) and the cache moves them from the ring to the host store and writes
+    // their representative keys; then at the sync node, after the selection, the cache
+    // places the picked blocks into the working-set slots (only those not already there).
+    // Both come before this ubatch's ring writes, so the ring still holds every position
+    // the eviction reads. In "infllm" mode memory keys sit at one position just
+    // before the window: queries see them at distance p - ls + 1 (n_local + 1 .. n_local +
+    // block_size for a decode step).
     //
 
-    ggml_tensor * k_raw  = ggml_reshape_2d(ctx0, infllm_rope(g, k_cur, inp->pos_neg), row_k, n_q);  // keys at position 0
-    ggml_tensor * k_rows = ggml_reshape_2d(ctx0, k_cur, row_k, n_q);
-    ggml_tensor * v_rows = ggml_reshape_2d(ctx0, v_cur, row_v, n_q);
+    auto hand_over = [&](ggml_tensor * t, const char * prefix) {
+        ggml_format_name(t, "%s%d", prefix, il);
+        ggml_set_output(t);
+        ggml_build_forward_expand(gf, t);
+    };
+    // a tiny node to hang a hand-over on
+    auto marker = [&]() { return ggml_cont(ctx0, ggml_view_1d(ctx0, inp->ring_idx, 1, 0)); };
 
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.k_work, k_rows, inp->ring_idx));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.v_work, v_rows, inp->ring_idx));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.k_blk, p.absolute ? k_rows : k_raw, inp->pos_idx));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.v_blk, v_rows, inp->pos_idx));
-
-    if (inp->repr_blk) {
-        ggml_tensor * raw_t = ggml_cont(ctx0, ggml_transpose(ctx0, k_raw));                // [n_q, row_k]
-        ggml_tensor * sums  = ggml_mul_mat(ctx0, raw_t, inp->repr_assign);                 // [row_k, n_repr]
-        ggml_tensor * upd   = ggml_add(ctx0, ggml_get_rows(ctx0, L.repr, inp->repr_blk), sums);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.repr, upd, inp->repr_blk));
+    if (inp->evict) {
+        // the selection below reads the representative keys of the blocks evicted here
+        hand_over(marker(), llama_kv_cache_infllm::EVICT_NODE);
     }
-
-    //
-    // memory: top-k blocks by Σ q̄·repr, placed into the working-set slots by the cache from the
-    // scheduler's eval callback on the sync node (only blocks not already there are copied).
-    // In "infllm" mode their keys sit at one memory position just before the window, so the
-    // queries see them at distance p - ls + 1 (n_local .. n_local + block_size for a decode step).
-    //
 
     ggml_tensor * sync = nullptr;
     if (n_sel > 0) {
@@ -296,20 +260,23 @@ ggml_tensor * llama_infllm_build_attn(
         qs = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, qs, 1, 0, 2, 3)));  // [1, d_k, n_kv_h]
         qs = ggml_reshape_2d(ctx0, qs, row_k, 1);
 
-        ggml_tensor * repr   = ggml_view_2d(ctx0, L.repr, row_k, c->n_blocks, L.repr->nb[1], 0);
-        ggml_tensor * scores = ggml_add(ctx0, ggml_mul_mat(ctx0, repr, qs),
+        ggml_tensor * scores = ggml_add(ctx0, ggml_mul_mat(ctx0, L.repr, qs),
                                         ggml_reshape_2d(ctx0, inp->blk_bias, c->n_blocks, 1));  // [n_blocks, 1]
         // n_sel <= memory blocks, so every pick has a finite score
         sync = ggml_top_k(ctx0, scores, n_sel);
     } else if (inp->memory) {
-        // sinks only: a tiny node to hang the placement on
-        sync = ggml_cont(ctx0, ggml_view_1d(ctx0, inp->pos_idx, 1, 0));
+        sync = marker();   // sinks only
     }
     if (sync != nullptr) {
-        ggml_format_name(sync, "%s%d", llama_kv_cache_infllm::SYNC_NODE, il);
-        ggml_set_output(sync);
-        ggml_build_forward_expand(gf, sync);
+        hand_over(sync, llama_kv_cache_infllm::SYNC_NODE);
     }
+
+    //
+    // this ubatch's keys and values into the ring
+    //
+
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.k_work, ggml_reshape_2d(ctx0, k_cur, row_k, n_q), inp->ring_idx));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.v_work, ggml_reshape_2d(ctx0, v_cur, row_v, n_q), inp->ring_idx));
 
     //
     // one flash attention over memory + ring (one softmax, nothing counted twice)

@@ -26,19 +26,26 @@ struct infllm_router {
     void * user_data = nullptr;
 };
 
-bool infllm_is_sync_node(const ggml_tensor * t) {
-    const size_t n = std::strlen(llama_kv_cache_infllm::SYNC_NODE);
-    return std::strncmp(t->name, llama_kv_cache_infllm::SYNC_NODE, n) == 0;
+// the layer of a node named <prefix><il>, or -1
+int infllm_node_layer(const ggml_tensor * t, const char * prefix) {
+    const size_t n = std::strlen(prefix);
+    return std::strncmp(t->name, prefix, n) == 0 ? std::atoi(t->name + n) : -1;
 }
 
 bool infllm_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
     auto * r = (infllm_router *) user_data;
-    if (r->cache != nullptr && infllm_is_sync_node(t)) {
-        if (!ask) {
-            const int il = std::atoi(t->name + std::strlen(llama_kv_cache_infllm::SYNC_NODE));
-            r->cache->place_memory(il, t->op == GGML_OP_TOP_K ? t : nullptr);
+    if (r->cache != nullptr && std::strncmp(t->name, "infllm_", 7) == 0) {
+        const int il_evict = infllm_node_layer(t, llama_kv_cache_infllm::EVICT_NODE);
+        const int il_sync  = infllm_node_layer(t, llama_kv_cache_infllm::SYNC_NODE);
+        if (il_evict >= 0 || il_sync >= 0) {
+            if (!ask && il_evict >= 0) {
+                r->cache->on_evict(il_evict);
+            }
+            if (!ask && il_sync >= 0) {
+                r->cache->on_sync(il_sync, t->op == GGML_OP_TOP_K ? t : nullptr);
+            }
+            return true;
         }
-        return true;
     }
     return r->user_cb != nullptr ? r->user_cb(t, ask, r->user_data) : false;
 }
@@ -142,6 +149,8 @@ llama_infllm_params llama_infllm_default_params(void) {
     p.topk       = 16;
     p.repr_topk  = 4;
     p.absolute   = false;
+    p.budget_bytes = 0;
+    p.host_budget  = 0;
     return p;
 }
 

@@ -14,27 +14,36 @@ extern "C" {
 #endif
 
     struct llama_infllm_params {
-        uint32_t block_size;  // tokens per memory block
-        uint32_t n_init;      // first tokens always attended (attention sinks)
-        uint32_t n_local;     // local window, attended at true relative positions
-        uint32_t topk;        // memory blocks selected per query chunk and layer
-        uint32_t repr_topk;   // representative keys per block (the block mean is used for now)
-        bool     absolute;    // false: memory at one fixed distance (n_local); true: true positions
+        uint32_t block_size;   // tokens per memory block
+        uint32_t n_init;       // first tokens always attended (attention sinks)
+        uint32_t n_local;      // local window, attended at true relative positions
+        uint32_t topk;         // memory blocks selected per query chunk and layer
+        uint32_t repr_topk;    // representative keys per block (the block mean is used for now)
+        bool     absolute;     // false: memory at one position just before the window; true: true positions
+        size_t   budget_bytes; // device bytes the cache may use (0: no block cache beyond the working set)
+        size_t   host_budget;  // host bytes the block store may reach (0: unbounded)
     };
 
     struct llama_infllm_stats {
-        int64_t  n_tokens;      // tokens in the cache
-        int64_t  n_blocks;      // complete blocks that left the local window (memory blocks)
-        int64_t  n_blocks_max;  // block capacity
-        int64_t  selections;    // (ubatch, layer) top-k selections made over at least one block
-        uint32_t n_ring;        // local ring cells per layer
-        size_t   ring_bytes;    // device bytes of the local rings
-        size_t   block_bytes;   // device bytes of the block store
-        size_t   repr_bytes;    // device bytes of the representative keys
-        size_t   host_bytes;    // bytes of the host tier (none yet)
-        int64_t  hits;          // (layer, selected block) pairs already in the working set
-        int64_t  misses;        // (layer, selected block) pairs copied into the working set
-        size_t   bytes_placed;  // bytes copied into working sets (blocks and sinks)
+        int64_t  n_tokens;        // tokens in the cache
+        int64_t  n_blocks;        // complete blocks that left the local window (in the host store)
+        int64_t  n_blocks_max;    // block capacity
+        int64_t  selections;      // (ubatch, layer) top-k selections made over at least one block
+        uint32_t n_ring;          // local ring cells per layer
+        uint32_t n_pool;          // device block-cache slots per layer
+        size_t   work_bytes;      // device bytes of the working sets (selected-block slots, sinks, ring)
+        size_t   pool_bytes;      // device bytes of the block cache
+        size_t   repr_bytes;      // device bytes of the representative keys
+        size_t   device_bytes;    // work + pool + repr
+        size_t   budget_bytes;    // the budget (0: none)
+        size_t   host_bytes;      // bytes of the host block store (grows in chunks)
+        int64_t  blocks_resident; // (layer, block) pairs on the device: working sets + block cache
+        int64_t  hits;            // (layer, picked block) pairs found on the device
+        int64_t  pool_hits;       // ... of which copied from the block cache into the working set
+        int64_t  misses;          // (layer, picked block) pairs fetched from the host store
+        int64_t  bytes_h2d;       // host -> device bytes (blocks, sinks, representative keys)
+        int64_t  bytes_d2h;       // device -> host bytes (evicted blocks)
+        double   transfer_wait_s; // time spent waiting for transfers
     };
 
     LLAMA_API struct llama_infllm_params llama_infllm_default_params(void);

@@ -5,6 +5,7 @@
 // See docs/infllm-engine.md for the layout and the attention it computes.
 
 #include "llama-infllm.h"
+#include "llama-infllm-store.h"
 #include "llama-memory.h"
 #include "llama-batch.h"
 
@@ -20,16 +21,16 @@ struct llama_hparams;
 
 class llama_kv_cache_infllm : public llama_memory_i {
 public:
-    // per layer tensors
+    // per layer device tensors
     struct layer {
         uint32_t il;
         // attention working set, rows: [0, n_sel*block_size) slots holding the selected
         // blocks, then n_init rows for the sinks, then the n_ring cells of the local ring
         ggml_tensor * k_work;    // [n_embd_k_gqa, n_mem_max + n_ring]
         ggml_tensor * v_work;    // [n_embd_v_gqa, n_mem_max + n_ring]
-        ggml_tensor * k_blk;     // [n_embd_k_gqa, n_cells]  keys by position; un-rotated unless absolute
-        ggml_tensor * v_blk;     // [n_embd_v_gqa, n_cells]  values by position
-        ggml_tensor * repr;      // [n_embd_k_gqa, n_blocks + 1] f32 sum of un-rotated keys per block (+ scratch)
+        ggml_tensor * repr;      // [n_embd_k_gqa, n_blocks] f32 sum of un-rotated keys per block
+        ggml_tensor * k_pool;    // [n_embd_k_gqa, n_pool*block_size] device block cache (victims of
+        ggml_tensor * v_pool;    // [n_embd_v_gqa, n_pool*block_size]  the working set), or nullptr
     };
 
     // RoPE of the model as the graph applies it (host-side rotation of memory keys)
@@ -40,6 +41,14 @@ public:
         float freq_scale;
         float attn_factor;
     };
+
+    // device bytes of everything but the block cache, and of one block in the cache (all layers)
+    struct footprint {
+        size_t fixed;
+        size_t per_block;
+    };
+    static footprint device_footprint(const llama_model & model, const llama_infllm_params & params,
+                                      ggml_type type_k, ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch);
 
     llama_kv_cache_infllm(const llama_model & model, const llama_infllm_params & params, const rope_params & rope,
                           ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch);
@@ -91,13 +100,25 @@ public:
     // just before the window, so a query at p sees them at distance p - ls + 1
     static llama_pos memory_position(llama_pos ls) { return ls - 1; }
 
-    // name prefix of the per-layer graph node after which the memory of that layer is placed
-    static constexpr const char * SYNC_NODE = "infllm_sel-";
+    // name prefixes of the per-layer graph nodes at which the scheduler hands over to the
+    // cache (eval callback): EVICT_NODE before the selection, in ubatches whose window start
+    // passed blocks not yet stored; SYNC_NODE after the selection. Both come before the
+    // ubatch's ring writes.
+    static constexpr const char * EVICT_NODE = "infllm_evict-";
+    static constexpr const char * SYNC_NODE  = "infllm_sel-";
 
-    // place the memory of layer il for the current ubatch into its working set: the sinks and
-    // the blocks of `sel` (I32 ids, or nullptr when no block is selected). Slots that already
-    // hold a selected block at the current memory position are kept (hits).
-    void place_memory(int32_t il, const ggml_tensor * sel);
+    // whether a ubatch whose window starts at ls has blocks (or the sinks) to evict
+    bool needs_eviction(llama_pos ls) const;
+
+    // at the evict node of layer il: move the blocks that left the window (and, once, the
+    // sinks) from the ring to the host store and write their representative keys
+    void on_evict(int32_t il);
+
+    // at the sync node of layer il: place the sinks and the blocks of `sel` (I32 ids, or
+    // nullptr when no block is selected) into the working set. A slot that already holds a
+    // picked block at the current memory position is kept; a missing block comes from the
+    // device block cache when it is there, else from the host store.
+    void on_sync(int32_t il, const ggml_tensor * sel);
 
     // the eval-callback state that routes sync nodes here; owned by the cache
     void set_router(std::unique_ptr<void, void (*)(void *)> r) { router = std::move(r); }
@@ -113,7 +134,7 @@ public:
     const uint32_t n_ring;     // local ring cells
     const uint32_t n_blocks;   // memory blocks of block_size tokens after the n_init sinks
     const uint32_t n_sel;      // blocks selected per chunk: min(topk, n_blocks)
-    const uint32_t n_mem_max;  // memory rows of the working set: n_init + n_sel*block_size
+    const uint32_t n_mem_max;  // memory rows of the working set: n_sel*block_size + n_init
     const uint32_t n_ubatch;
 
     uint32_t n_tokens   = 0;   // positions [0, n_tokens) are stored
@@ -123,36 +144,59 @@ public:
     llama_pos cur_ls = 0;
 
 private:
-    // per layer: which block each slot holds and at which memory position its keys are
-    struct slot_state {
-        std::vector<int32_t>   blk;   // -1: empty
-        std::vector<llama_pos> ref;
-        llama_pos sinks_ref = -1;     // memory position of the placed sinks
-        bool      sinks_ok  = false;
+    // which block a slot holds and at which memory position its keys are rotated
+    struct slot {
+        int32_t   blk  = -1;   // -1: empty
+        llama_pos ref  = 0;
+        int64_t   used = 0;    // last selection that wanted it (LRU)
     };
 
-    // copy `n` rows starting at position `pos` of the block store into working-set row `row`,
-    // keys rotated from position 0 to `ref` (positions="infllm") or copied as stored
-    void copy_rows(const layer & l, llama_pos pos, uint32_t n, uint32_t row, llama_pos ref);
+    // per layer host-side state
+    struct layer_state {
+        std::vector<slot> work;           // n_sel working-set slots
+        std::vector<slot> pool;           // n_pool device block-cache slots
+        uint32_t  n_stored  = 0;          // blocks moved to the host store
+        bool      sinks_stored = false;
+        bool      sinks_placed = false;
+        llama_pos sinks_ref = 0;
+    };
+
+    // ring -> host store: the sinks and blocks [st.n_stored, n_ev); representative keys
+    void evict(const layer & l, layer_state & st, uint32_t n_ev);
+
+    // host store rows of block blk (-1: sinks) -> working-set rows from `row`, keys rotated
+    // from position 0 to `ref` (positions="infllm") or copied as stored
+    void fetch(const layer & l, int32_t blk, uint32_t row, llama_pos ref);
+
+    // device copy of one block between a working-set slot and a block-cache slot
+    void copy_block(const layer & l, uint32_t work_slot, uint32_t pool_slot, bool to_pool);
 
     const rope_params rope;
     std::unique_ptr<void, void (*)(void *)> router{nullptr, [](void *) {}};
 
-    std::vector<slot_state> slots;
-    std::vector<uint8_t>    staging;
-    std::vector<float>      rope_cache;
+    uint32_t n_pool = 0;       // device block-cache slots (from the byte budget)
+    size_t   k_row_bytes = 0;  // bytes of one K / V row (one layer)
+    size_t   v_row_bytes = 0;
 
-    int64_t blk_hits   = 0;
-    int64_t blk_misses = 0;
-    size_t  bytes_placed = 0;
+    std::vector<layer_state> states;
+    std::unique_ptr<llama_infllm_host_store> store;
+    std::unique_ptr<llama_infllm_transfer>   xfer;
+    std::vector<uint8_t> staging;
+    std::vector<float>   rope_cache;
+    std::vector<float>   repr_row;
+
+    int64_t n_sync     = 0;    // sync callbacks (layer, ubatch) with memory
+    int64_t blk_hits   = 0;    // picked blocks already in the working set
+    int64_t pool_hits  = 0;    // picked blocks copied from the device block cache
+    int64_t blk_misses = 0;    // picked blocks fetched from the host store
 
     std::vector<layer> layers;
     std::map<int32_t, size_t> map_layer_ids;
 
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
-    size_t ring_bytes  = 0;
-    size_t block_bytes = 0;
-    size_t repr_bytes  = 0;
+    size_t work_bytes = 0;
+    size_t pool_bytes = 0;
+    size_t repr_bytes = 0;
 };
 
 class llama_kv_cache_infllm_context : public llama_memory_context_i {

@@ -1,0 +1,89 @@
+#pragma once
+
+// The host tier of the InfLLM cache and the transfers between it and the device.
+//
+// llama_infllm_host_store: evicted blocks (and the sinks) of every layer in host buffers —
+// the device's host buffer type (pinned memory on CUDA) where it has one, CPU buffers
+// otherwise — allocated in chunks of blocks as the context grows.
+//
+// llama_infllm_transfer: a second backend instance of the device holding the cache (its own
+// stream on CUDA); host<->device copies are issued on it with the *_async calls and waited
+// for with a backend event where the device has them, ggml_backend_synchronize otherwise.
+// The CPU backend takes the same path (its async calls are plain copies).
+
+#include "ggml-backend.h"
+#include "ggml-cpp.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+class llama_infllm_host_store {
+public:
+    // k_row / v_row: bytes of one token's K / V row per layer
+    llama_infllm_host_store(ggml_backend_buffer_type_t buft, std::vector<size_t> k_row, std::vector<size_t> v_row,
+                            uint32_t n_init, uint32_t block_size, uint32_t blocks_per_chunk);
+
+    // bytes the store reaches when it holds the sinks and n_blocks blocks
+    size_t bytes_for(uint32_t n_blocks) const;
+
+    // make room for blocks [0, n_blocks) (and the sinks); throws std::bad_alloc-like
+    // std::runtime_error when a host buffer cannot be allocated
+    void reserve(uint32_t n_blocks);
+
+    // K / V rows of block `blk` of layer `il` (blk = -1: the n_init sinks); reserved before
+    uint8_t * k(uint32_t il, int32_t blk);
+    uint8_t * v(uint32_t il, int32_t blk);
+
+    // drop every chunk (a new sequence)
+    void clear();
+
+    size_t bytes() const { return n_bytes; }
+
+    const uint32_t n_init;
+    const uint32_t block_size;
+    const uint32_t blocks_per_chunk;
+
+private:
+    uint8_t * at(uint32_t il, int32_t blk, bool v);
+
+    ggml_backend_buffer_type_t buft;
+    std::vector<size_t> k_row;
+    std::vector<size_t> v_row;
+    std::vector<size_t> k_off;   // per layer: offset of its K rows inside a chunk
+    std::vector<size_t> v_off;
+    size_t chunk_bytes = 0;      // all layers, blocks_per_chunk blocks
+    size_t sinks_bytes = 0;      // all layers, n_init rows
+
+    ggml_backend_buffer_ptr sinks;
+    std::vector<ggml_backend_buffer_ptr> chunks;
+    size_t n_bytes = 0;
+};
+
+class llama_infllm_transfer {
+public:
+    explicit llama_infllm_transfer(ggml_backend_dev_t dev);
+
+    // host -> device / device -> host, queued on the transfer backend
+    void set(ggml_tensor * t, const void * data, size_t offset, size_t size);
+    void get(const ggml_tensor * t, void * data, size_t offset, size_t size);
+
+    // wait until every queued copy is done (the time spent waiting is counted)
+    void wait();
+
+    const char * name() const;
+
+    int64_t bytes_h2d = 0;
+    int64_t bytes_d2h = 0;
+    double  wait_s    = 0.0;
+
+private:
+    ggml_backend_ptr backend;
+    ggml_backend_event_t event = nullptr;
+    bool pending = false;
+
+public:
+    ~llama_infllm_transfer();
+    llama_infllm_transfer(const llama_infllm_transfer &) = delete;
+    llama_infllm_transfer & operator=(const llama_infllm_transfer &) = delete;
+};
