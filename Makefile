@@ -37,5 +37,14 @@ test: upstream-tools
 bench: upstream-tools
 	$(PY) benchmarks/overhead.py --out benchmarks/results
 
+# a CUDA wheel in its own build directory (dist/); CUDA_ARCH: one architecture. Extra CMake
+# options for this build: CUDA_CMAKE="-Ccmake.define.CUDAToolkit_ROOT=/path ..."
+CUDA_ARCH ?= 90
+CUDA_CMAKE ?=
+cuda: $(VENV)/.build-deps
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist . \
+	    -Cbuild-dir=build/cuda-$(CUDA_ARCH) -Ccmake.define.GGML_CUDA=ON \
+	    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH) $(CUDA_CMAKE)
+
 clean:
 	rm -rf build $(VENV) vendor

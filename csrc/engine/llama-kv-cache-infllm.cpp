@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 //
@@ -258,45 +259,42 @@ static void rope_table(const llama_kv_cache_infllm::rope_params & rope, float po
     }
 }
 
-template <typename T> static float to_f32(T x);
-template <> float to_f32<float>(float x) { return x; }
-template <> float to_f32<ggml_fp16_t>(ggml_fp16_t x) { return ggml_fp16_to_fp32(x); }
-template <typename T> static T from_f32(float x);
-template <> float from_f32<float>(float x) { return x; }
-template <> ggml_fp16_t from_f32<ggml_fp16_t>(float x) { return ggml_fp32_to_fp16(x); }
-
-// rotate n_heads head vectors of width d (src may equal dst); cs: rope_table of the position
-template <typename T>
-static void rotate_heads(const T * src, T * dst, int64_t n_heads, int64_t d, int n_rot, bool neox, const float * cs) {
+// rotate n_heads head vectors of width d in place; cs: rope_table of the position
+static void rotate_heads(float * x, int64_t n_heads, int64_t d, int n_rot, bool neox, const float * cs) {
     const int off = neox ? n_rot/2 : 1;
-    for (int64_t h = 0; h < n_heads; ++h) {
-        const T * x = src + h*d;
-        T * y = dst + h*d;
-        for (int64_t i = n_rot; i < d && x != y; ++i) {
-            y[i] = x[i];
-        }
+    for (int64_t h = 0; h < n_heads; ++h, x += d) {
         for (int i0 = 0; i0 < n_rot; i0 += 2) {
             const int ic = neox ? i0/2 : i0;
             const float c = cs[i0], s = cs[i0 + 1];
-            const float x0 = to_f32(x[ic]), x1 = to_f32(x[ic + off]);
-            y[ic]       = from_f32<T>(x0*c - x1*s);
-            y[ic + off] = from_f32<T>(x0*s + x1*c);
+            const float x0 = x[ic], x1 = x[ic + off];
+            x[ic]       = x0*c - x1*s;
+            x[ic + off] = x0*s + x1*c;
         }
     }
 }
 
-// rotate K rows (each row: the KV heads of one token) by one table per row, or one for all
+// rotate K rows (each row: the KV heads of one token) from src to dst (may be equal), by one
+// table per row or one for all; f16 rows are converted in bulk and rotated in f32
 static void rotate_rows(ggml_type type, const void * src, void * dst, int64_t n_rows, int64_t row_elems, int64_t d,
-                        const llama_kv_cache_infllm::rope_params & rope, const float * cs, bool table_per_row) {
-    for (int64_t r = 0; r < n_rows; ++r) {
-        const float * t = cs + (table_per_row ? r*rope.n_rot : 0);
-        if (type == GGML_TYPE_F16) {
-            rotate_heads((const ggml_fp16_t *) src + r*row_elems, (ggml_fp16_t *) dst + r*row_elems, row_elems/d, d,
-                         rope.n_rot, rope.neox, t);
-        } else {
-            rotate_heads((const float *) src + r*row_elems, (float *) dst + r*row_elems, row_elems/d, d,
-                         rope.n_rot, rope.neox, t);
+                        const llama_kv_cache_infllm::rope_params & rope, const float * cs, bool table_per_row,
+                        std::vector<float> & scratch) {
+    const int64_t n = n_rows*row_elems;
+    float * x = nullptr;
+    if (type == GGML_TYPE_F16) {
+        scratch.resize(n);
+        x = scratch.data();
+        ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, x, n);
+    } else {
+        x = (float *) dst;
+        if (src != dst) {
+            std::memcpy(dst, src, n*sizeof(float));
         }
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {
+        rotate_heads(x + r*row_elems, row_elems/d, d, rope.n_rot, rope.neox, cs + (table_per_row ? r*rope.n_rot : 0));
+    }
+    if (type == GGML_TYPE_F16) {
+        ggml_fp32_to_fp16_row(x, (ggml_fp16_t *) dst, n);
     }
 }
 
@@ -321,7 +319,7 @@ void llama_kv_cache_infllm::evict(const layer & l, layer_state & st, uint32_t n_
         for (uint32_t i = 0; i < n; ++i) {
             rope_table(rope, -(float) (pos + (llama_pos) i), rope_cache.data() + (size_t) i*rope.n_rot);
         }
-        rotate_rows(l.k_work->type, k, k, n, row_k, d, rope, rope_cache.data(), true);
+        rotate_rows(l.k_work->type, k, k, n, row_k, d, rope, rope_cache.data(), true, rot_scratch);
     };
 
     if (params.n_init > 0 && !st.sinks_stored) {
@@ -354,11 +352,16 @@ void llama_kv_cache_infllm::evict(const layer & l, layer_state & st, uint32_t n_
             k = raw.data();
         }
         unrotate((llama_pos) (params.n_init + b*bs), bs, k);
+        const float * x = (const float *) k;
+        if (l.k_work->type == GGML_TYPE_F16) {
+            rot_scratch.resize((size_t) bs*row_k);
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) k, rot_scratch.data(), (int64_t) bs*row_k);
+            x = rot_scratch.data();
+        }
         float * sum = repr_row.data() + (size_t) (b - b0)*row_k;
         for (uint32_t i = 0; i < bs; ++i) {
             for (int64_t j = 0; j < row_k; ++j) {
-                const size_t e = (size_t) i*row_k + j;
-                sum[j] += l.k_work->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) k)[e]) : ((const float *) k)[e];
+                sum[j] += x[(size_t) i*row_k + j];
             }
         }
     }
@@ -375,7 +378,8 @@ void llama_kv_cache_infllm::fetch(const layer & l, int32_t blk, uint32_t row, ll
         uint8_t * dst = staging.data() + (size_t) row*k_row_bytes;
         rope_cache.resize(rope.n_rot);
         rope_table(rope, (float) ref, rope_cache.data());
-        rotate_rows(l.k_work->type, k, dst, n, l.k_work->ne[0], hparams.n_embd_head_k(l.il), rope, rope_cache.data(), false);
+        rotate_rows(l.k_work->type, k, dst, n, l.k_work->ne[0], hparams.n_embd_head_k(l.il), rope, rope_cache.data(), false,
+                    rot_scratch);
         k = dst;
     }
     xfer->set(l.k_work, k, (size_t) row*k_row_bytes, (size_t) n*k_row_bytes);

@@ -183,6 +183,7 @@ private:
     std::unique_ptr<llama_infllm_transfer>   xfer;
     std::vector<uint8_t> staging;
     std::vector<float>   rope_cache;
+    std::vector<float>   rot_scratch;
     std::vector<float>   repr_row;
 
     int64_t n_sync     = 0;    // sync callbacks (layer, ubatch) with memory
