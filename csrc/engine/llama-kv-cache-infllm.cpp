@@ -89,7 +89,7 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     if (!ctx) {
         throw std::runtime_error("failed to create a ggml context for the InfLLM cache");
     }
-    ctxs_bufs.emplace_back(ggml_context_ptr(ctx), nullptr);
+    ctx_tensors.reset(ctx);
 
     std::vector<size_t> k_rows, v_rows;
     for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
@@ -128,7 +128,7 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     }
     // unwritten cells are masked, but must not hold NaNs (0 * NaN poisons the attention)
     ggml_backend_buffer_clear(buf, 0);
-    ctxs_bufs.back().second.reset(buf);
+    buf_device.reset(buf);
 
     // the host tier: the device's host buffer type (pinned memory) where it has one
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
@@ -556,11 +556,7 @@ llama_pos llama_kv_cache_infllm::seq_pos_max(llama_seq_id seq_id) const {
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_infllm::memory_breakdown() const {
     std::map<ggml_backend_buffer_type_t, size_t> ret;
-    for (const auto & [ctx, buf] : ctxs_bufs) {
-        if (buf) {
-            ret[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
-        }
-    }
+    ret[ggml_backend_buffer_get_type(buf_device.get())] = ggml_backend_buffer_get_size(buf_device.get());
     return ret;
 }
 
@@ -591,7 +587,7 @@ void llama_kv_cache_infllm::get_stats(llama_infllm_stats & s) const {
     s.work_bytes      = work_bytes;
     s.pool_bytes      = pool_bytes;
     s.repr_bytes      = repr_bytes;
-    s.device_bytes    = ggml_backend_buffer_get_size(ctxs_bufs.at(0).second.get());
+    s.device_bytes    = ggml_backend_buffer_get_size(buf_device.get());
     s.budget_bytes    = params.budget_bytes;
     s.host_bytes      = store->bytes();
     s.blocks_resident = resident;

@@ -194,7 +194,8 @@ private:
     std::vector<layer> layers;
     std::map<int32_t, size_t> map_layer_ids;
 
-    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+    ggml_context_ptr        ctx_tensors;   // the per-layer device tensors
+    ggml_backend_buffer_ptr buf_device;    // their one buffer
     size_t work_bytes = 0;
     size_t pool_bytes = 0;
     size_t repr_bytes = 0;
