@@ -75,6 +75,7 @@ class InfLLMStats:
     bytes_h2d: int
     bytes_d2h: int
     transfer_wait_s: float
+    host_work_s: float
 
 class KVInfo:
     n_tokens: int

@@ -85,7 +85,9 @@ class InfLLMStats:
         store; pool_hits: the hits copied from the block cache; hit_rate = hits / (hits + misses);
     bytes_h2d / bytes_d2h: bytes moved host -> device (blocks, sinks, representative keys) and
         device -> host (evicted blocks);
-    transfer_wait_s: time spent waiting for those transfers.
+    transfer_wait_s: time spent waiting for those transfers;
+    host_work_s: time the cache spent in its own host-side work while graphs ran (moving
+        evicted blocks to the host store, placing picked blocks; includes transfer_wait_s).
     """
 
     n_blocks: int
@@ -106,6 +108,7 @@ class InfLLMStats:
     bytes_h2d: int
     bytes_d2h: int
     transfer_wait_s: float
+    host_work_s: float
 
     @property
     def hit_rate(self) -> float:

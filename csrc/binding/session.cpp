@@ -522,7 +522,8 @@ void register_session(py::module_ & m) {
         .def_readonly("misses",          &llama_infllm_stats::misses)
         .def_readonly("bytes_h2d",       &llama_infllm_stats::bytes_h2d)
         .def_readonly("bytes_d2h",       &llama_infllm_stats::bytes_d2h)
-        .def_readonly("transfer_wait_s", &llama_infllm_stats::transfer_wait_s);
+        .def_readonly("transfer_wait_s", &llama_infllm_stats::transfer_wait_s)
+        .def_readonly("host_work_s",     &llama_infllm_stats::host_work_s);
 
     py::class_<sampling_params>(m, "SamplingParams", "Options for one generation.")
         .def(py::init<>())

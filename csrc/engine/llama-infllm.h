@@ -44,6 +44,7 @@ extern "C" {
         int64_t  bytes_h2d;       // host -> device bytes (blocks, sinks, representative keys)
         int64_t  bytes_d2h;       // device -> host bytes (evicted blocks)
         double   transfer_wait_s; // time spent waiting for transfers
+        double   host_work_s;     // time in the cache's callbacks during graph compute (eviction, placing picked blocks; includes the waits)
     };
 
     LLAMA_API struct llama_infllm_params llama_infllm_default_params(void);

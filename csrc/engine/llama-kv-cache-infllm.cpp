@@ -411,7 +411,17 @@ bool llama_kv_cache_infllm::needs_eviction(llama_pos ls) const {
     return n_evicted(ls) > st.n_stored || (params.n_init > 0 && !st.sinks_stored);
 }
 
+namespace {
+// adds the scope's wall time to a counter
+struct scope_timer {
+    double & acc;
+    const int64_t t0 = ggml_time_us();
+    ~scope_timer() { acc += 1e-6*(double) (ggml_time_us() - t0); }
+};
+}
+
 void llama_kv_cache_infllm::on_evict(int32_t il) {
+    scope_timer t{host_work_s};
     evict(get_layer(il), states.at(map_layer_ids.at(il)), n_evicted(cur_ls));
 }
 
@@ -421,6 +431,7 @@ void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
     const uint32_t bs = params.block_size;
     const llama_pos ref = params.absolute ? 0 : memory_position(cur_ls);
     const int64_t stamp = ++n_sync;
+    scope_timer timer{host_work_s};
 
     // normally done at the evict node already (the selection needed the representative keys)
     evict(l, st, n_evicted(cur_ls));
@@ -597,6 +608,7 @@ void llama_kv_cache_infllm::get_stats(llama_infllm_stats & s) const {
     s.bytes_h2d       = xfer->bytes_h2d;
     s.bytes_d2h       = xfer->bytes_d2h;
     s.transfer_wait_s = xfer->wait_s;
+    s.host_work_s     = host_work_s;
 }
 
 //

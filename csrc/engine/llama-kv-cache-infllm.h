@@ -189,6 +189,7 @@ private:
     int64_t n_sync     = 0;    // sync callbacks (layer, ubatch) with memory
     int64_t blk_hits   = 0;    // picked blocks already in the working set
     int64_t pool_hits  = 0;    // picked blocks copied from the device block cache
+    double  host_work_s = 0.0; // time in on_evict / on_sync
     int64_t blk_misses = 0;    // picked blocks fetched from the host store
 
     std::vector<layer> layers;
