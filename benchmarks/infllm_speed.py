@@ -6,8 +6,8 @@ generate() on a d-token prompt and then decodes --n-gen tokens:
   prefill tok/s: the last 512-token chunk of the prompt (pp512 at depth d - 512), timed with
                  the prompt-progress callback;
   decode tok/s:  the single-token steps after the prompt (tg at depth d).
-The stock cache runs with flash attention on (its fastest CPU path); the InfLLM cache uses
-the default InfLLMConfig (block 128, n_init 128, n_local 4096, topk 16).
+The stock cache runs with flash attention on and off (ratios against the faster of the two);
+the InfLLM cache uses the default InfLLMConfig (block 128, n_init 128, n_local 4096, topk 16).
 Writes infllm_speed.json and infllm_speed.md to --out.
 """
 
@@ -26,13 +26,16 @@ from pyllama_inf.testing import smollm2_path
 from _common import command, machine, now, prompt_of, write_markdown
 
 CHUNK = 512
+# the caches compared: the stock cache with and without flash attention (which of the two is
+# faster depends on the CPU and the depth; the ratio is taken against the faster), and InfLLM
+CACHES = {"full-fa": dict(flash_attn=True), "full-nofa": dict(flash_attn=False),
+          "infllm": dict(kv="infllm", infllm=pi.InfLLMConfig())}
 
 
-def measure(model: str, kv: str, depths: list[int], threads: int, n_gen: int) -> dict:
+def measure(model: str, cache: str, depths: list[int], threads: int, n_gen: int) -> dict:
     n_ctx = max(depths) + n_gen + 64
-    kwargs = dict(kv="infllm", infllm=pi.InfLLMConfig()) if kv == "infllm" else dict(flash_attn=True)
     out = {}
-    with pi.Model(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=CHUNK, **kwargs) as m:
+    with pi.Model(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=CHUNK, **CACHES[cache]) as m:
         for d in depths:
             prompt = prompt_of(m, d)
             stamps = [(0, time.perf_counter())]
@@ -42,7 +45,7 @@ def measure(model: str, kv: str, depths: list[int], threads: int, n_gen: int) ->
             out[d] = {"prefill_tok_s": (n1 - n0) / (t1 - t0), "decode_tok_s": r.timings.decode_tok_s,
                       "decode_tokens": r.timings.decode_tokens, "prompt_tokens": r.n_prompt_tokens,
                       "prompt_s": r.timings.prefill_s, "kv_device_bytes": m.kv_stats().device_bytes}
-            print(f"{kv:>6} depth {d:>6}: prefill {out[d]['prefill_tok_s']:7.1f} tok/s, "
+            print(f"{cache:>9} depth {d:>6}: prefill {out[d]['prefill_tok_s']:7.1f} tok/s, "
                   f"decode {out[d]['decode_tok_s']:6.2f} tok/s", file=sys.stderr, flush=True)
     return out
 
@@ -52,48 +55,58 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depths", default="2048,8192,16384,32768")
-    ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--stock", default="full-fa,full-nofa", help="stock configurations to run")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model = args.model or str(smollm2_path())
     depths = [int(d) for d in args.depths.split(",")]
+    stock = args.stock.split(",")
 
-    full = measure(model, "full", depths, args.threads, args.n_gen)
-    inf = measure(model, "infllm", depths, args.threads, args.n_gen)
-
+    res = {c: measure(model, c, depths, args.threads, args.n_gen) for c in stock + ["infllm"]}
+    inf = res["infllm"]
     rows = []
     for d in depths:
-        rows.append({"depth": d,
-                     "full_prefill_tok_s": round(full[d]["prefill_tok_s"], 2),
-                     "infllm_prefill_tok_s": round(inf[d]["prefill_tok_s"], 2),
-                     "prefill_ratio": round(inf[d]["prefill_tok_s"] / full[d]["prefill_tok_s"], 3),
-                     "full_decode_tok_s": round(full[d]["decode_tok_s"], 2),
-                     "infllm_decode_tok_s": round(inf[d]["decode_tok_s"], 2),
-                     "decode_ratio": round(inf[d]["decode_tok_s"] / full[d]["decode_tok_s"], 3)})
+        row = {"depth": d}
+        for c in stock:
+            row[f"{c}_prefill_tok_s"] = round(res[c][d]["prefill_tok_s"], 2)
+            row[f"{c}_decode_tok_s"] = round(res[c][d]["decode_tok_s"], 2)
+        best_pp = max(res[c][d]["prefill_tok_s"] for c in stock)
+        best_tg = max(res[c][d]["decode_tok_s"] for c in stock)
+        row.update({"infllm_prefill_tok_s": round(inf[d]["prefill_tok_s"], 2),
+                    "infllm_decode_tok_s": round(inf[d]["decode_tok_s"], 2),
+                    "prefill_ratio": round(inf[d]["prefill_tok_s"] / best_pp, 3),
+                    "decode_ratio": round(inf[d]["decode_tok_s"] / best_tg, 3)})
+        rows.append(row)
     meta = {"command": command(), "model": Path(model).name, "threads": args.threads, "n_gen": args.n_gen,
             "infllm_config": dataclasses.asdict(pi.InfLLMConfig()),
-            "machine": machine(), "upstream_commit": pi.UPSTREAM_COMMIT, "date": now(),
-            "raw": {"full": full, "infllm": inf}}
+            "machine": machine(), "upstream_commit": pi.UPSTREAM_COMMIT, "date": now(), "raw": res}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "infllm_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    names = {"full-fa": "stock FA", "full-nofa": "stock no-FA"}
+    head = ["depth"] + [f"prefill {names.get(c, c)}" for c in stock] + ["prefill infllm", "ratio"] + \
+           [f"decode {names.get(c, c)}" for c in stock] + ["decode infllm", "ratio"]
     lines = [
         "# InfLLM cache vs stock cache: prefill and decode speed",
         "",
-        f"- model: {meta['model']}, threads: {args.threads}, stock cache with flash attention on, "
-        f"InfLLM defaults (block 128, n_init 128, n_local 4096, topk 16)",
+        f"- model: {meta['model']}, threads: {args.threads}, InfLLM defaults (block 128, n_init 128, "
+        f"n_local 4096, topk 16, no kv_budget); stock cache with flash attention on (FA) and off",
         f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; llama.cpp {pi.UPSTREAM_COMMIT}",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         "",
-        "| depth | prefill full | prefill infllm | ratio | decode full | decode infllm | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---:|" * len(head),
     ]
     for r in rows:
-        lines.append(f"| {r['depth']} | {r['full_prefill_tok_s']:.1f} | {r['infllm_prefill_tok_s']:.1f} | "
-                     f"{r['prefill_ratio']:.2f}x | {r['full_decode_tok_s']:.2f} | {r['infllm_decode_tok_s']:.2f} | "
-                     f"{r['decode_ratio']:.2f}x |")
+        cells = [str(r["depth"])] + [f"{r[c + '_prefill_tok_s']:.1f}" for c in stock] + \
+                [f"{r['infllm_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x"] + \
+                [f"{r[c + '_decode_tok_s']:.2f}" for c in stock] + \
+                [f"{r['infllm_decode_tok_s']:.2f}", f"{r['decode_ratio']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("tok/s; prefill = the 512-token chunk ending at the depth, decode = single-token steps at the depth.")
+    lines.append(f"tok/s; prefill = the {CHUNK}-token chunk ending at the depth, decode = {args.n_gen} single-token "
+                 "steps after it. Ratios are InfLLM over the faster stock configuration at that depth.")
     return write_markdown(args.out, "infllm_speed", lines)
 
 

@@ -30,6 +30,7 @@ class SessionParams:
     repr_topk: int
     absolute: bool
     budget_bytes: int
+    cache_blocks: int
     host_budget: int
     def __init__(self) -> None: ...
 

@@ -275,6 +275,11 @@ class Model:
             params.topk = infllm.topk
             params.repr_topk = infllm.repr_topk
             params.absolute = infllm.positions == "absolute"
+            if infllm.cache_blocks is not None:
+                if budget is not None:
+                    raise ValueError("InfLLMConfig.cache_blocks and kv_budget both size the device block "
+                                     "cache; give one of them")
+                params.cache_blocks = infllm.cache_blocks
         self.infllm = infllm
         self._seed = None if seed is None else _check_int("seed", seed, 0, _MAX_SEED)
         self.kv = kv

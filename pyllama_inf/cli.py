@@ -34,7 +34,10 @@ def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
     g.add_argument("--topk", type=int, default=d.topk, help=f"blocks selected per chunk (default {d.topk})")
     g.add_argument("--positions", choices=("infllm", "absolute"), default=d.positions,
                    help="memory at one fixed distance (infllm) or at true positions")
-    g.add_argument("--kv-budget", default=None, help="device bytes for the cache, e.g. 256MiB (default: no block cache)")
+    g.add_argument("--kv-budget", default=None,
+                   help="device bytes for the cache, e.g. 256MiB (default: no bound, a block cache of --cache-blocks)")
+    g.add_argument("--cache-blocks", type=int, default=None,
+                   help="device block-cache slots per layer without --kv-budget (default 4 x topk)")
     g.add_argument("--host-budget", default=None, help="most host bytes the block store may reach, e.g. 8GiB")
     p.add_argument("--seed", type=int, default=None)
 
@@ -83,7 +86,7 @@ def _model_from_args(args, path: str) -> Model:
     extra = {}
     if args.kv == "infllm":
         infllm = InfLLMConfig(block_size=args.block_size, n_init=args.n_init, n_local=args.n_local,
-                              topk=args.topk, positions=args.positions)
+                              topk=args.topk, positions=args.positions, cache_blocks=args.cache_blocks)
         extra = dict(kv_budget=_size(args.kv_budget), host_budget=_size(args.host_budget))
     return Model(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                  flash_attn=fa, kv=args.kv, infllm=infllm, seed=args.seed, **extra)

@@ -49,6 +49,10 @@ class InfLLMConfig:
     positions: ``"infllm"`` puts memory tokens at one fixed distance (``n_local``) from the
         query, which lets a model run past its trained context; ``"absolute"`` keeps true
         positions.
+    cache_blocks: device block-cache slots per layer (blocks that left the working set, kept
+        on the device so that picking them again needs no host transfer) when the model has
+        no ``kv_budget``; None means ``4 * topk``, 0 none. With a ``kv_budget`` the budget
+        decides it, and cache_blocks must stay None.
     """
 
     block_size: int = 128
@@ -57,6 +61,7 @@ class InfLLMConfig:
     topk: int = 16
     repr_topk: int = 4
     positions: str = "infllm"
+    cache_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
         for field in ("block_size", "n_init", "n_local", "topk", "repr_topk"):
@@ -74,5 +79,10 @@ class InfLLMConfig:
         if not 1 <= self.repr_topk <= self.block_size:
             raise ValueError(f"InfLLMConfig.repr_topk must be in [1, block_size={self.block_size}], "
                              f"got {self.repr_topk}")
+        if self.cache_blocks is not None:
+            if isinstance(self.cache_blocks, bool) or not isinstance(self.cache_blocks, int):
+                raise TypeError(f"InfLLMConfig.cache_blocks must be an int or None, not {type(self.cache_blocks).__name__}")
+            if not 0 <= self.cache_blocks < 1 << 31:
+                raise ValueError(f"InfLLMConfig.cache_blocks must be >= 0, got {self.cache_blocks}")
         if self.positions not in ("infllm", "absolute"):
             raise ValueError(f"InfLLMConfig.positions must be 'infllm' or 'absolute', got {self.positions!r}")

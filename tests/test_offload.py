@@ -63,7 +63,7 @@ def test_offload_does_not_change_results(smollm2, prompt_ids, positions):
     (With positions="infllm" the memory position moves with every prefill chunk, so prefill
     re-fetches everything either way; "absolute" keeps blocks valid across chunks.)"""
     cfg = dataclasses.replace(SMALL, positions=positions)
-    a, sa = run(smollm2, prompt_ids, cfg)
+    a, sa = run(smollm2, prompt_ids, dataclasses.replace(cfg, cache_blocks=0))
     b, sb = run(smollm2, prompt_ids, cfg, kv_budget="1GiB")
     assert (a == b).all()
     ia, ib = sa.infllm, sb.infllm
@@ -77,8 +77,8 @@ def test_offload_does_not_change_results(smollm2, prompt_ids, positions):
 def test_greedy_output_is_the_same_under_offload(smollm2):
     prompt = passkey.make_task(1200, 0.5, 3, lambda t: len(t) // 4).prompt
     out, stats = [], []
-    for budget in (None, "1GiB"):
-        with pi.Model(smollm2, n_ctx=2048, n_threads=2, kv="infllm", infllm=SMALL, kv_budget=budget) as m:
+    for cfg, budget in ((dataclasses.replace(SMALL, cache_blocks=0), None), (SMALL, "1GiB")):
+        with pi.Model(smollm2, n_ctx=2048, n_threads=2, kv="infllm", infllm=cfg, kv_budget=budget) as m:
             out.append(m.generate(prompt, max_tokens=48, temperature=0).text)
             stats.append(m.kv_stats().infllm)
     assert out[0] == out[1] and out[0].strip()
@@ -104,3 +104,18 @@ def test_host_store_grows_with_the_evicted_tokens(tiny_model):
         assert inf.host_bytes >= (16 + chunks * 32 * 16) * row
         assert inf.host_bytes < (16 + chunks * 32 * 16) * row + 64 * 1024
     assert seen[0].host_bytes < seen[1].host_bytes < seen[2].host_bytes
+
+
+def test_cache_blocks_sizes_the_block_cache_without_a_budget(tiny_model):
+    cfg = pi.InfLLMConfig(n_local=128, n_init=16, block_size=16, topk=4)
+    for blocks, want in ((None, 16), (3, 3), (0, 0), (10 ** 6, (1024 - 16 + 15) // 16 - 4)):
+        with pi.Model(tiny_model, n_ctx=1024, n_threads=1, kv="infllm",
+                      infllm=dataclasses.replace(cfg, cache_blocks=blocks)) as m:
+            assert m.kv_stats().infllm.n_pool == want, blocks
+    with pytest.raises(ValueError, match="give one of them"):
+        pi.Model(tiny_model, n_ctx=1024, kv="infllm", infllm=dataclasses.replace(cfg, cache_blocks=2),
+                 kv_budget="64MiB")
+    with pytest.raises(ValueError, match="cache_blocks"):
+        pi.InfLLMConfig(cache_blocks=-1)
+    with pytest.raises(TypeError, match="cache_blocks"):
+        pi.InfLLMConfig(cache_blocks=True)

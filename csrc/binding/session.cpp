@@ -500,6 +500,8 @@ void register_session(py::module_ & m) {
                                     [](session_params & p, bool v) { p.iparams.absolute = v; })
         .def_property("budget_bytes", [](const session_params & p) { return p.iparams.budget_bytes; },
                                       [](session_params & p, size_t v) { p.iparams.budget_bytes = v; })
+        .def_property("cache_blocks", [](const session_params & p) { return p.iparams.cache_blocks; },
+                                      [](session_params & p, int32_t v) { p.iparams.cache_blocks = v; })
         .def_property("host_budget",  [](const session_params & p) { return p.iparams.host_budget; },
                                       [](session_params & p, size_t v) { p.iparams.host_budget = v; });
 

@@ -1,10 +1,12 @@
 // Attention over the InfLLM cache: local ring + sinks + top-k memory blocks, one softmax.
 
+#include "llama-infllm-attn-cpu.h"
 #include "llama-infllm-hooks.h"
 #include "llama-kv-cache-infllm.h"
 
 #include "llama-impl.h"
 
+#include <algorithm>
 #include <cmath>
 
 //
@@ -282,12 +284,19 @@ ggml_tensor * llama_infllm_build_attn(
     // one flash attention over memory + ring (one softmax, nothing counted twice)
     //
 
+    ggml_tensor * k = ggml_view_3d(ctx0, L.k_work, d_k, n_kv_h, n_att,
+            ggml_row_size(L.k_work->type, d_k), L.k_work->nb[1], m0*L.k_work->nb[1]);   // [d_k, n_kv_h, n_att]
+    ggml_tensor * v = ggml_view_3d(ctx0, L.v_work, d_v, n_kv_h, n_att,
+            ggml_row_size(L.v_work->type, d_v), L.v_work->nb[1], m0*L.v_work->nb[1]);
+    if (n_q == 1 && c->one_query_kernel && ggml_is_contiguous(q_cur) && q_cur->type == GGML_TYPE_F32) {
+        // decode step on the CPU backend: our single-query kernel (llama-infllm-attn-cpu.h)
+        const int n_chunks = (int) std::clamp<int64_t>(n_att/512, 1, 16);
+        ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_cur, k, v, inp->kq_mask, kq_scale, n_chunks);
+        return infllm_output(g, out, wo, wo_b, wo_s, il);
+    }
     ggml_tensor * q = ggml_permute(ctx0, q_cur, 0, 2, 1, 3);                                  // [d_k, n_q, n_head]
-    ggml_tensor * k = ggml_permute(ctx0, ggml_view_3d(ctx0, L.k_work, d_k, n_kv_h, n_att,
-            ggml_row_size(L.k_work->type, d_k), L.k_work->nb[1], m0*L.k_work->nb[1]), 0, 2, 1, 3);
-    ggml_tensor * v = ggml_permute(ctx0, ggml_view_3d(ctx0, L.v_work, d_v, n_kv_h, n_att,
-            ggml_row_size(L.v_work->type, d_v), L.v_work->nb[1], m0*L.v_work->nb[1]), 0, 2, 1, 3);
-    ggml_tensor * fa = ggml_flash_attn_ext(ctx0, q, k, v, inp->kq_mask, kq_scale, 0.0f, 0.0f);
+    ggml_tensor * fa = ggml_flash_attn_ext(ctx0, q, ggml_permute(ctx0, k, 0, 2, 1, 3), ggml_permute(ctx0, v, 0, 2, 1, 3),
+                                           inp->kq_mask, kq_scale, 0.0f, 0.0f);
     ggml_prec_set_acc(fa, GGML_PREC_F32);
     return infllm_output(g, ggml_reshape_2d(ctx0, fa, d_v*n_head, n_q), wo, wo_b, wo_s, il);
 }

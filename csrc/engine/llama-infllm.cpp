@@ -64,6 +64,9 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     const auto & hp = model.hparams;
     auto refuse = [](const std::string & why) { throw std::runtime_error("InfLLM cache: " + why); };
 
+    if (p.cache_blocks < -1 || (p.cache_blocks >= 0 && p.budget_bytes > 0)) {
+        refuse("invalid parameters (cache_blocks must be >= 0, or -1 for the default, and is decided by the budget when one is given)");
+    }
     if (p.block_size == 0 || p.n_local == 0 || p.repr_topk == 0 || p.repr_topk > p.block_size) {
         refuse("invalid parameters (block_size and n_local must be > 0, 1 <= repr_topk <= block_size)");
     }
@@ -150,6 +153,7 @@ llama_infllm_params llama_infllm_default_params(void) {
     p.repr_topk  = 4;
     p.absolute   = false;
     p.budget_bytes = 0;
+    p.cache_blocks = -1;
     p.host_budget  = 0;
     return p;
 }

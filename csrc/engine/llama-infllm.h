@@ -20,7 +20,8 @@ extern "C" {
         uint32_t topk;         // memory blocks selected per query chunk and layer
         uint32_t repr_topk;    // representative keys per block (the block mean is used for now)
         bool     absolute;     // false: memory at one position just before the window; true: true positions
-        size_t   budget_bytes; // device bytes the cache may use (0: no block cache beyond the working set)
+        size_t   budget_bytes; // device bytes the cache may use (0: no bound, the block cache has cache_blocks slots)
+        int32_t  cache_blocks; // device block-cache slots per layer without a budget (-1: 4*topk); -1 with a budget
         size_t   host_budget;  // host bytes the block store may reach (0: unbounded)
     };
 

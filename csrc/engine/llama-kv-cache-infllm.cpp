@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -27,6 +28,8 @@ static uint32_t infllm_n_sel(const llama_infllm_params & p, uint32_t n_ctx) {
 }
 
 static constexpr size_t INFLLM_TENSOR_PAD = 512;   // allocation padding allowance per tensor
+// without a byte budget, the block cache holds this many times topk blocks per layer
+static constexpr uint32_t INFLLM_DEFAULT_POOL_PER_TOPK = 4;
 
 llama_kv_cache_infllm::footprint llama_kv_cache_infllm::device_footprint(
         const llama_model & model, const llama_infllm_params & p, ggml_type type_k, ggml_type type_v,
@@ -69,6 +72,11 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
                 std::to_string(n_ctx) + ")");
         }
         n_pool = (uint32_t) std::min<size_t>(n_blocks - n_sel, (params.budget_bytes - fp.fixed)/fp.per_block);
+    } else {
+        // no budget: cache_blocks slots, by default INFLLM_DEFAULT_POOL_PER_TOPK x topk
+        const uint32_t want = params.cache_blocks >= 0 ? (uint32_t) params.cache_blocks
+                                                       : INFLLM_DEFAULT_POOL_PER_TOPK*params.topk;
+        n_pool = std::min<uint32_t>(n_blocks - n_sel, want);
     }
 
     ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
@@ -78,6 +86,12 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
             throw std::runtime_error("InfLLM cache: layers split over several devices are not supported");
         }
         buft = b;
+    }
+
+    {
+        const char * env = std::getenv("PYLLAMA_INF_ATTN");
+        one_query_kernel = buft == ggml_backend_cpu_buffer_type() && type_k == GGML_TYPE_F16 &&
+                           type_v == GGML_TYPE_F16 && !(env && std::strcmp(env, "ggml") == 0);
     }
 
     ggml_init_params ip = {

@@ -137,6 +137,10 @@ public:
     const uint32_t n_mem_max;  // memory rows of the working set: n_sel*block_size + n_init
     const uint32_t n_ubatch;
 
+    // decode steps attend with llama-infllm-attn-cpu instead of ggml_flash_attn_ext (the cache
+    // lives in CPU memory with f16 K/V; PYLLAMA_INF_ATTN=ggml turns it off, for comparisons)
+    bool one_query_kernel = false;
+
     uint32_t n_tokens   = 0;   // positions [0, n_tokens) are stored
     int64_t  selections = 0;
 
