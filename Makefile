@@ -25,8 +25,9 @@ install: $(VENV)/.build-deps
 
 # upstream's own llama-completion and llama-bench, from the same vendored tree and flags
 upstream-tools: install
-	$(VENV)/bin/cmake --build $(BUILD_DIR) --target llama-completion llama-bench
-	mkdir -p build/bin && cp $(BUILD_DIR)/bin/llama-completion $(BUILD_DIR)/bin/llama-bench build/bin/
+	$(VENV)/bin/cmake --build $(BUILD_DIR) --target llama-completion llama-bench llama-quantize
+	mkdir -p build/bin && cp $(BUILD_DIR)/bin/llama-completion $(BUILD_DIR)/bin/llama-bench \
+	    $(BUILD_DIR)/bin/llama-quantize build/bin/
 
 demo: install
 	$(PY) -m pyllama_inf.cli demo

@@ -22,6 +22,7 @@ class SessionParams:
     n_ubatch: int
     n_threads: int
     flash_attn: int
+    offload_kqv: bool
     infllm: bool
     block_size: int
     n_init: int

