@@ -290,7 +290,7 @@ ggml_tensor * llama_infllm_build_attn(
             ggml_row_size(L.v_work->type, d_v), L.v_work->nb[1], m0*L.v_work->nb[1]);
     if (n_q == 1 && c->one_query_kernel && ggml_is_contiguous(q_cur) && q_cur->type == GGML_TYPE_F32) {
         // decode step on the CPU backend: our single-query kernel (llama-infllm-attn-cpu.h)
-        const int n_chunks = (int) std::clamp<int64_t>(n_att/512, 1, 16);
+        const int n_chunks = (int) std::clamp<int64_t>(n_att/256, 1, 32);
         ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_cur, k, v, inp->kq_mask, kq_scale, n_chunks);
         return infllm_output(g, out, wo, wo_b, wo_s, il);
     }

@@ -5,8 +5,9 @@
 // of thousands of cells that loop dominates the step. Here the cells are taken in tiles: the
 // scores of every query head sharing a KV head come from one pass over the tile's K rows, the
 // softmax is rescaled once per tile, and V is accumulated in f32 registers. Work is split into
-// (KV head, cell chunk) units, so threads stay balanced whatever part of the working set is
-// masked; a second op merges the chunks' partial sums.
+// chunks of cells, each read in order for all KV heads (the next tile prefetched), so threads
+// stay balanced whatever part of the working set is masked; a second op merges the chunks'
+// partial sums.
 
 #include "llama-infllm-attn-cpu.h"
 
@@ -136,8 +137,22 @@ kernels pick_kernels(int64_t d_k, int64_t d_v, int n_gqa) {
     return {scores_generic, accum_generic};
 }
 
+// pull the K and V rows of cells [c0, c1) towards the cache (the next tile, while this one runs)
+inline void prefetch_rows(const char * k, size_t k_row, const char * v, size_t v_row, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+        for (size_t off = 0; off < k_row; off += 64) {
+            __builtin_prefetch(k + c*k_row + off);
+        }
+        for (size_t off = 0; off < v_row; off += 64) {
+            __builtin_prefetch(v + c*v_row + off);
+        }
+    }
+}
+
 // dst: F32 [2 + d_v, n_head, n_chunks]: per (query head, chunk) the running max, the sum of
 // exponentials and the unnormalised output. src: q (scaled) [d_k, n_head], k, v, mask.
+// A work unit is one chunk of cells for every head: the cells' rows are read in order, tile
+// after tile, and each tile's rows serve all KV heads while they are in the cache.
 void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * q    = dst->src[0];
     const ggml_tensor * k    = dst->src[1];
@@ -153,29 +168,31 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
     const int64_t n_chunks = dst->ne[2];
     const kernels kern     = pick_kernels(d_k, d_v, n_gqa);
     const ggml_fp16_t * mrow = (const ggml_fp16_t *) mask->data;
+    const char * k0 = (const char *) k->data;
+    const char * v0 = (const char *) v->data;
+    // bytes from one cell's first head to the next cell's (rows hold every KV head)
+    const size_t k_row = k->nb[2];
+    const size_t v_row = v->nb[2];
 
     std::vector<float>   s((size_t) n_gqa*TILE);
-    std::vector<float>   acc((size_t) n_gqa*d_v);
+    std::vector<float>   acc((size_t) n_head*d_v);
     std::vector<int64_t> cells(TILE);
     std::vector<float>   bias(TILE);
-    std::vector<float>   m(n_gqa), l(n_gqa);
+    std::vector<float>   m(n_head), l(n_head);
 
-    for (int64_t u = ith; u < n_kv_h*n_chunks; u += nth) {
-        const int64_t h  = u % n_kv_h;
-        const int64_t ch = u / n_kv_h;
+    for (int64_t ch = ith; ch < n_chunks; ch += nth) {
         const int64_t c0 = ch*n_kv/n_chunks;
         const int64_t c1 = (ch + 1)*n_kv/n_chunks;
-        const float * qh = (const float *) ((const char *) q->data + h*n_gqa*q->nb[1]);
-        const char  * kh = (const char *) k->data + h*k->nb[1];
-        const char  * vh = (const char *) v->data + h*v->nb[1];
 
         std::fill(m.begin(), m.end(), -INFINITY);
         std::fill(l.begin(), l.end(), 0.0f);
         std::fill(acc.begin(), acc.end(), 0.0f);
 
         for (int64_t t = c0; t < c1; t += TILE) {
+            const int64_t t1 = std::min(t + TILE, c1);
+            prefetch_rows(k0, k_row, v0, v_row, t1, std::min(t1 + TILE, c1));
             int n = 0;
-            for (int64_t c = t; c < std::min(t + TILE, c1); ++c) {
+            for (int64_t c = t; c < t1; ++c) {
                 const float mv = mask_value(mrow[c]);
                 if (mv != -INFINITY) {
                     cells[n] = c;
@@ -186,34 +203,39 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
             if (n == 0) {
                 continue;
             }
-            kern.scores(qh, n_gqa, d_k, kh, k->nb[2], cells.data(), n, s.data());
-            for (int g = 0; g < n_gqa; ++g) {
-                float * sg = s.data() + g*TILE;
-                float mt = -INFINITY;
-                for (int j = 0; j < n; ++j) {
-                    sg[j] += bias[j];
-                    mt = std::max(mt, sg[j]);
-                }
-                if (mt > m[g]) {
-                    const float r = m[g] == -INFINITY ? 0.0f : expf(m[g] - mt);
-                    l[g] *= r;
-                    for (int64_t i = 0; i < d_v; ++i) {
-                        acc[g*d_v + i] *= r;
+            for (int64_t h = 0; h < n_kv_h; ++h) {
+                const float * qh = (const float *) ((const char *) q->data + h*n_gqa*q->nb[1]);
+                float * acc_h = acc.data() + h*n_gqa*d_v;
+                kern.scores(qh, n_gqa, d_k, k0 + h*k->nb[1], k_row, cells.data(), n, s.data());
+                for (int g = 0; g < n_gqa; ++g) {
+                    const int64_t hq = h*n_gqa + g;
+                    float * sg = s.data() + g*TILE;
+                    float mt = -INFINITY;
+                    for (int j = 0; j < n; ++j) {
+                        sg[j] += bias[j];
+                        mt = std::max(mt, sg[j]);
                     }
-                    m[g] = mt;
+                    if (mt > m[hq]) {
+                        const float r = m[hq] == -INFINITY ? 0.0f : expf(m[hq] - mt);
+                        l[hq] *= r;
+                        for (int64_t i = 0; i < d_v; ++i) {
+                            acc_h[g*d_v + i] *= r;
+                        }
+                        m[hq] = mt;
+                    }
+                    for (int j = 0; j < n; ++j) {
+                        sg[j] = expf(sg[j] - m[hq]);
+                        l[hq] += sg[j];
+                    }
                 }
-                for (int j = 0; j < n; ++j) {
-                    sg[j] = expf(sg[j] - m[g]);
-                    l[g] += sg[j];
-                }
+                kern.accum(s.data(), n_gqa, d_v, v0 + h*v->nb[1], v_row, cells.data(), n, acc_h);
             }
-            kern.accum(s.data(), n_gqa, d_v, vh, v->nb[2], cells.data(), n, acc.data());
         }
-        for (int g = 0; g < n_gqa; ++g) {
-            float * out = (float *) ((char *) dst->data + (h*n_gqa + g)*dst->nb[1] + ch*dst->nb[2]);
-            out[0] = m[g];
-            out[1] = l[g];
-            std::memcpy(out + 2, acc.data() + g*d_v, d_v*sizeof(float));
+        for (int64_t hq = 0; hq < n_head; ++hq) {
+            float * out = (float *) ((char *) dst->data + hq*dst->nb[1] + ch*dst->nb[2]);
+            out[0] = m[hq];
+            out[1] = l[hq];
+            std::memcpy(out + 2, acc.data() + hq*d_v, d_v*sizeof(float));
         }
     }
 }
