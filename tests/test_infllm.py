@@ -102,7 +102,7 @@ def test_decode_kernel_as_close_to_stock_as_flash_attention(smollm2, short_text,
     ggml_fa = one_token_steps(smollm2, short_text, kv="infllm", infllm=cfg)
     fa_top1, fa_nmse = agreement(ref, fa)
     top1, nmse = agreement(ref, ours)
-    assert top1 >= 0.98 and nmse <= 1.5 * fa_nmse, (top1, nmse, fa_top1, fa_nmse)
+    assert top1 >= 0.98 and nmse <= max(1.5 * fa_nmse, 1e-3), (top1, nmse, fa_top1, fa_nmse)
     # the knob really switches kernels, and ggml's kernel over the cache matches stock's
     assert not (ours == ggml_fa).all()
     top1, nmse = agreement(fa, ggml_fa)
