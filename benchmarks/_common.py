@@ -10,19 +10,7 @@ from pathlib import Path
 
 import pyllama_inf as pi
 
-FILLER = ("The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
-          "Scholars argued for hours about the meaning of the inscription on the northern wall. ")
-
-
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from pyllama_inf.bench import cpu_name, filler_prompt
 
 
 def machine() -> dict:
@@ -41,9 +29,7 @@ def now() -> str:
 
 def prompt_of(m: pi.Model, n_tokens: int) -> str:
     """A text that tokenizes to about n_tokens tokens with m's tokenizer (checked)."""
-    text = FILLER * (n_tokens // 30 + 2)
-    ids = m.tokenize(text)[:n_tokens]
-    text = m.detokenize(ids)
+    text = filler_prompt(m, n_tokens)
     got = len(m.tokenize(text))
     if abs(got - n_tokens) > 2:
         raise RuntimeError(f"could not build a {n_tokens}-token prompt (got {got})")

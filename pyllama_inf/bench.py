@@ -106,7 +106,8 @@ def _available_memory() -> Optional[int]:
     return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -212,7 +213,7 @@ def compare(models: Sequence[str], budgets: Sequence[BudgetSpec] = ("full", "256
             "budgets": [_budget_name(b) for b in budgets], "contexts": contexts, "n_gen": n_gen,
             "passkey_trials_per_depth": passkey_trials, "passkey_depths": list(depths),
             "threads": threads, "n_gpu_layers": n_gpu_layers,
-            "infllm": dataclasses.asdict(infllm or InfLLMConfig()), "cpu": _cpu_name(),
+            "infllm": dataclasses.asdict(infllm or InfLLMConfig()), "cpu": cpu_name(),
             "cores": os.cpu_count(), "llama.cpp": UPSTREAM_COMMIT}
     cells = [(m, b, c) for m in models for b in budgets for c in contexts]
     bar = None
