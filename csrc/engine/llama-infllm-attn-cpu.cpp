@@ -4,10 +4,14 @@
 // converting and accumulating V in f16, one cell at a time. For a decode step over a working set
 // of thousands of cells that loop dominates the step. Here the cells are taken in tiles: the
 // scores of every query head sharing a KV head come from one pass over the tile's K rows, the
-// softmax is rescaled once per tile, and V is accumulated in f32 registers. Work is split into
-// chunks of cells, each read in order for all KV heads (the next tile prefetched), so threads
-// stay balanced whatever part of the working set is masked; a second op merges the chunks'
-// partial sums.
+// softmax is rescaled once per tile (vector exp), and V is accumulated in f32 registers.
+//
+// The step reads ~5 MB of K/V per layer that no cache holds, so the order of reads matters as
+// much as the arithmetic: each thread takes a contiguous run of cells, the kernels walk a few
+// cells at a time through every KV head of those cells (rows are read front to back, not once
+// per head), and rows are prefetched several tiles ahead. Each chunk of cells leaves a partial
+// softmax sum per head; a second op merges them. Chunks, not threads, define the partial sums,
+// so results do not depend on the thread count.
 
 #include "llama-infllm-attn-cpu.h"
 
@@ -23,89 +27,248 @@
 
 namespace {
 
-constexpr int TILE     = 32;   // cells per tile
-constexpr int MAX_GQA  = 8;    // query heads per KV head handled by the vector path
+constexpr int TILE           = 32;  // cells per tile
+constexpr int PREFETCH_TILES = 8;   // how far ahead the rows are prefetched (measured best of 1-16)
 
-// scores s[g*TILE + j] = q_g . k(cells[j]) for g < n_gqa
-using scores_fn = void (*)(const float * q, int n_gqa, int64_t d, const char * k, size_t stride,
-                           const int64_t * cells, int n, float * s);
-// acc[g*d + i] += p[g*TILE + j] * v(cells[j])[i]
-using accum_fn = void (*)(const float * p, int n_gqa, int64_t d, const char * v, size_t stride,
-                          const int64_t * cells, int n, float * acc);
+// the K or V rows of a tile's cells: one row per cell holds every KV head's d values
+struct rows {
+    const char * data;
+    size_t       row;        // bytes from one cell to the next
+    size_t       head;       // bytes from one KV head to the next within a row
+    int64_t      n_kv_head;
+    int          n_gqa;      // query heads per KV head
+    int64_t      d;
+};
 
-void scores_generic(const float * q, int n_gqa, int64_t d, const char * k, size_t stride,
-                    const int64_t * cells, int n, float * s) {
-    std::vector<float> row(d);
+// s[hq*TILE + j] = q_hq . k_{hq/n_gqa}(cells[j]) for every query head hq (q: [d, n_head] contiguous)
+using scores_fn = void (*)(const float * q, const rows & k, const int64_t * cells, int n, float * s);
+// acc[hq*d + i] += p[hq*TILE + j] * v_{hq/n_gqa}(cells[j])[i]
+using accum_fn = void (*)(const float * p, const rows & v, const int64_t * cells, int n, float * acc);
+
+void scores_generic(const float * q, const rows & k, const int64_t * cells, int n, float * s) {
+    std::vector<float> row(k.d);
     for (int j = 0; j < n; ++j) {
-        ggml_fp16_to_fp32_row((const ggml_fp16_t *) (k + cells[j]*stride), row.data(), d);
-        for (int g = 0; g < n_gqa; ++g) {
-            float sum = 0.0f;
-            for (int64_t i = 0; i < d; ++i) {
-                sum += q[g*d + i]*row[i];
+        for (int64_t h = 0; h < k.n_kv_head; ++h) {
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) (k.data + cells[j]*k.row + h*k.head), row.data(), k.d);
+            for (int64_t hq = h*k.n_gqa; hq < (h + 1)*k.n_gqa; ++hq) {
+                float sum = 0.0f;
+                for (int64_t i = 0; i < k.d; ++i) {
+                    sum += q[hq*k.d + i]*row[i];
+                }
+                s[hq*TILE + j] = sum;
             }
-            s[g*TILE + j] = sum;
         }
     }
 }
 
-void accum_generic(const float * p, int n_gqa, int64_t d, const char * v, size_t stride,
-                   const int64_t * cells, int n, float * acc) {
-    std::vector<float> row(d);
+void accum_generic(const float * p, const rows & v, const int64_t * cells, int n, float * acc) {
+    std::vector<float> row(v.d);
     for (int j = 0; j < n; ++j) {
-        ggml_fp16_to_fp32_row((const ggml_fp16_t *) (v + cells[j]*stride), row.data(), d);
-        for (int g = 0; g < n_gqa; ++g) {
-            const float w = p[g*TILE + j];
-            for (int64_t i = 0; i < d; ++i) {
-                acc[g*d + i] += w*row[i];
+        for (int64_t h = 0; h < v.n_kv_head; ++h) {
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) (v.data + cells[j]*v.row + h*v.head), row.data(), v.d);
+            for (int64_t hq = h*v.n_gqa; hq < (h + 1)*v.n_gqa; ++hq) {
+                const float w = p[hq*TILE + j];
+                for (int64_t i = 0; i < v.d; ++i) {
+                    acc[hq*v.d + i] += w*row[i];
+                }
             }
         }
     }
 }
 
 #ifdef INFLLM_X86_KERNELS
-__attribute__((target("avx2,fma,f16c")))
-void scores_avx2(const float * q, int n_gqa, int64_t d, const char * k, size_t stride,
-                 const int64_t * cells, int n, float * s) {
-    for (int j = 0; j < n; ++j) {
-        const uint16_t * kr = (const uint16_t *) (k + cells[j]*stride);
-        __m256 a[MAX_GQA];
-        for (int g = 0; g < n_gqa; ++g) {
-            a[g] = _mm256_setzero_ps();
+#define INFLLM_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// Every loop below keeps at most a dozen independent accumulators in flight, so the FMAs run at
+// throughput instead of waiting on each other's latency (a single dot product of 64 f16 values
+// is a chain of 8 dependent FMAs).
+
+// sum of the 8 lanes of each of v[0..7], as the 8 lanes of the result
+INFLLM_AVX2 inline __m256 hsum8(const __m256 * v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+INFLLM_AVX2 inline __m128 hsum4(const __m256 * v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+}
+
+INFLLM_AVX2 inline float hsum1(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+// out[i] = the lane sum of v[i], i < N
+template <int N>
+INFLLM_AVX2 inline void hsum_n(const __m256 * v, float * out) {
+    int i = 0;
+    for (; i + 8 <= N; i += 8) {
+        _mm256_storeu_ps(out + i, hsum8(v + i));
+    }
+    for (; i + 4 <= N; i += 4) {
+        _mm_storeu_ps(out + i, hsum4(v + i));
+    }
+    for (; i < N; ++i) {
+        out[i] = hsum1(v[i]);
+    }
+}
+
+// scores of CB cells at a time for the G query heads of one KV head: G*CB accumulators
+template <int G, int CB>
+INFLLM_AVX2 inline void scores_block(const float * q, int64_t d, const char * k, size_t stride,
+                                     const int64_t * cells, float * s) {
+    __m256 a[G*CB];
+    for (int i = 0; i < G*CB; ++i) {
+        a[i] = _mm256_setzero_ps();
+    }
+    const uint16_t * kr[CB];
+    for (int c = 0; c < CB; ++c) {
+        kr[c] = (const uint16_t *) (k + cells[c]*stride);
+    }
+    for (int64_t i = 0; i < d; i += 8) {
+        __m256 kv[CB];
+        for (int c = 0; c < CB; ++c) {
+            kv[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kr[c] + i)));
         }
-        for (int64_t i = 0; i < d; i += 8) {
-            const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kr + i)));
-            for (int g = 0; g < n_gqa; ++g) {
-                a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g*d + i), kv, a[g]);
+        for (int g = 0; g < G; ++g) {
+            const __m256 qv = _mm256_loadu_ps(q + g*d + i);
+            for (int c = 0; c < CB; ++c) {
+                a[c*G + g] = _mm256_fmadd_ps(qv, kv[c], a[c*G + g]);
             }
         }
-        for (int g = 0; g < n_gqa; ++g) {
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a[g]), _mm256_extractf128_ps(a[g], 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            s[g*TILE + j] = _mm_cvtss_f32(h);
+    }
+    float r[G*CB];
+    hsum_n<G*CB>(a, r);
+    for (int c = 0; c < CB; ++c) {
+        for (int g = 0; g < G; ++g) {
+            s[g*TILE + c] = r[c*G + g];
         }
     }
 }
 
-__attribute__((target("avx2,fma,f16c")))
-void accum_avx2(const float * p, int n_gqa, int64_t d, const char * v, size_t stride,
-                const int64_t * cells, int n, float * acc) {
-    for (int64_t i = 0; i < d; i += 8) {
-        __m256 a[MAX_GQA];
-        for (int g = 0; g < n_gqa; ++g) {
-            a[g] = _mm256_loadu_ps(acc + g*d + i);
-        }
-        for (int j = 0; j < n; ++j) {
-            const uint16_t * vr = (const uint16_t *) (v + cells[j]*stride);
-            const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (vr + i)));
-            for (int g = 0; g < n_gqa; ++g) {
-                a[g] = _mm256_fmadd_ps(_mm256_set1_ps(p[g*TILE + j]), vv, a[g]);
-            }
-        }
-        for (int g = 0; g < n_gqa; ++g) {
-            _mm256_storeu_ps(acc + g*d + i, a[g]);
+// CB cells at a time, every KV head of those cells before the next CB: the rows are read in order
+template <int G>
+INFLLM_AVX2 void scores_avx2(const float * q, const rows & k, const int64_t * cells, int n, float * s) {
+    constexpr int CB = 12/G > 8 ? 8 : 12/G > 0 ? 12/G : 1;
+    int j = 0;
+    for (; j + CB <= n; j += CB) {
+        for (int64_t h = 0; h < k.n_kv_head; ++h) {
+            scores_block<G, CB>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
         }
     }
+    for (; j < n; ++j) {
+        for (int64_t h = 0; h < k.n_kv_head; ++h) {
+            scores_block<G, 1>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
+        }
+    }
+}
+
+// acc[g*d + i] += p[g*TILE + j] * v(cells[j])[i] for the G query heads of one KV head, j < n:
+// SG 8-wide slices of d for all G heads at a time (G*SG accumulators)
+template <int G, int SG>
+INFLLM_AVX2 inline void accum_head(const float * p, int64_t d, const char * v, size_t stride,
+                                   const int64_t * cells, int n, float * acc) {
+    for (int64_t i0 = 0; i0 < d; i0 += 8*SG) {
+        __m256 a[G*SG];
+        for (int g = 0; g < G; ++g) {
+            for (int t = 0; t < SG; ++t) {
+                a[g*SG + t] = _mm256_loadu_ps(acc + g*d + i0 + 8*t);
+            }
+        }
+        for (int j = 0; j < n; ++j) {
+            const uint16_t * vr = (const uint16_t *) (v + cells[j]*stride) + i0;
+            __m256 vv[SG];
+            for (int t = 0; t < SG; ++t) {
+                vv[t] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (vr + 8*t)));
+            }
+            for (int g = 0; g < G; ++g) {
+                const __m256 w = _mm256_broadcast_ss(p + g*TILE + j);
+                for (int t = 0; t < SG; ++t) {
+                    a[g*SG + t] = _mm256_fmadd_ps(w, vv[t], a[g*SG + t]);
+                }
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            for (int t = 0; t < SG; ++t) {
+                _mm256_storeu_ps(acc + g*d + i0 + 8*t, a[g*SG + t]);
+            }
+        }
+    }
+}
+
+// runs of 8 cells, every KV head of a run before the next: the rows are read in order
+template <int G, int SG>
+INFLLM_AVX2 void accum_avx2(const float * p, const rows & v, const int64_t * cells, int n, float * acc) {
+    constexpr int RUN = 8;
+    for (int j = 0; j < n; j += RUN) {
+        const int nr = std::min(RUN, n - j);
+        for (int64_t h = 0; h < v.n_kv_head; ++h) {
+            accum_head<G, SG>(p + h*G*TILE + j, v.d, v.data + h*v.head, v.row, cells + j, nr, acc + h*G*v.d);
+        }
+    }
+}
+
+// e^x for x <= 0 (x = -inf gives 0 up to 1e-38): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2,
+// p the degree-6 Taylor polynomial (relative error ~1e-7)
+INFLLM_AVX2 inline __m256 exp_nonpos(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f/720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f/120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f/24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f/6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// one tile of one head's online softmax: s[j] += bias[j]; m = max(m, max s); s[j] = e^(s[j] - m)
+// (0 past n); l = l*r + sum s. Returns r = e^(m_old - m_new), the factor for the accumulator.
+INFLLM_AVX2 float softmax_tile_avx2(float * s, const float * bias, int n, float & m, float & l) {
+    const int nv = (n + 7)/8;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int t = 0; t < nv; ++t) {
+        __m256 x = _mm256_add_ps(_mm256_loadu_ps(s + 8*t), _mm256_loadu_ps(bias + 8*t));
+        if (8*t + 8 > n) {   // lanes past n take no part
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8*t), lane));
+            x = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, keep);
+        }
+        _mm256_storeu_ps(s + 8*t, x);
+        mx = _mm256_max_ps(mx, x);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float mt = _mm_cvtss_f32(h);
+    float r = 1.0f;
+    if (mt > m) {
+        r = m == -INFINITY ? 0.0f : expf(m - mt);
+        m = mt;
+    }
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (int t = 0; t < nv; ++t) {
+        __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + 8*t), mv));
+        if (8*t + 8 > n) {
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8*t), lane));
+            e = _mm256_and_ps(e, keep);
+        }
+        _mm256_storeu_ps(s + 8*t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    l = l*r + hsum1(sum);
+    return r;
 }
 
 bool cpu_has_avx2() {
@@ -122,29 +285,76 @@ inline float mask_value(ggml_fp16_t x) {
     return bits == 0 ? 0.0f : bits == 0xFC00 ? -INFINITY : ggml_fp16_to_fp32(x);
 }
 
+// the scalar path's online-softmax step for one tile of one head (see softmax_tile_avx2)
+float softmax_tile_generic(float * s, const float * bias, int n, float & m, float & l) {
+    float mt = -INFINITY;
+    for (int j = 0; j < n; ++j) {
+        s[j] += bias[j];
+        mt = std::max(mt, s[j]);
+    }
+    float r = 1.0f;
+    if (mt > m) {
+        r = m == -INFINITY ? 0.0f : expf(m - mt);
+        m = mt;
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < n; ++j) {
+        s[j] = expf(s[j] - m);
+        sum += s[j];
+    }
+    l = l*r + sum;
+    return r;
+}
+
+using softmax_fn = float (*)(float * s, const float * bias, int n, float & m, float & l);
+
 struct kernels {
-    scores_fn scores;
-    accum_fn  accum;
+    scores_fn  scores;
+    accum_fn   accum;
+    softmax_fn softmax;
 };
+
+#ifdef INFLLM_X86_KERNELS
+// the accumulator uses SG slices of 8 values per head: as many as fit a dozen registers, dividing d_v
+template <int G>
+kernels avx2_kernels(int64_t d_v) {
+    constexpr int SG = G == 1 ? 8 : G <= 3 ? 4 : G <= 6 ? 2 : 1;
+    if (d_v % (8*SG) == 0) {
+        return {scores_avx2<G>, accum_avx2<G, SG>, softmax_tile_avx2};
+    }
+    return {scores_avx2<G>, accum_avx2<G, 1>, softmax_tile_avx2};
+}
+#endif
 
 kernels pick_kernels(int64_t d_k, int64_t d_v, int n_gqa) {
 #ifdef INFLLM_X86_KERNELS
-    if (cpu_has_avx2() && d_k % 8 == 0 && d_v % 8 == 0 && n_gqa <= MAX_GQA) {
-        return {scores_avx2, accum_avx2};
+    if (cpu_has_avx2() && d_k % 8 == 0 && d_v % 8 == 0) {
+        switch (n_gqa) {
+            case 1: return avx2_kernels<1>(d_v);
+            case 2: return avx2_kernels<2>(d_v);
+            case 3: return avx2_kernels<3>(d_v);
+            case 4: return avx2_kernels<4>(d_v);
+            case 5: return avx2_kernels<5>(d_v);
+            case 6: return avx2_kernels<6>(d_v);
+            case 7: return avx2_kernels<7>(d_v);
+            case 8: return avx2_kernels<8>(d_v);
+            default: break;
+        }
     }
 #endif
     (void) d_k; (void) d_v; (void) n_gqa;
-    return {scores_generic, accum_generic};
+    return {scores_generic, accum_generic, softmax_tile_generic};
 }
 
-// pull the K and V rows of cells [c0, c1) towards the cache (the next tile, while this one runs)
+// pull the K and V rows of cells [c0, c1) towards the cache (a tile ahead, while this one runs);
+// into the outer levels: they are used once, a few tiles later
 inline void prefetch_rows(const char * k, size_t k_row, const char * v, size_t v_row, int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
         for (size_t off = 0; off < k_row; off += 64) {
-            __builtin_prefetch(k + c*k_row + off);
+            __builtin_prefetch(k + c*k_row + off, 0, 1);
         }
         for (size_t off = 0; off < v_row; off += 64) {
-            __builtin_prefetch(v + c*v_row + off);
+            __builtin_prefetch(v + c*v_row + off, 0, 1);
         }
     }
 }
@@ -174,13 +384,20 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
     const size_t k_row = k->nb[2];
     const size_t v_row = v->nb[2];
 
-    std::vector<float>   s((size_t) n_gqa*TILE);
+    const rows krows = {k0, k_row, k->nb[1], n_kv_h, n_gqa, d_k};
+    const rows vrows = {v0, v_row, v->nb[1], n_kv_h, n_gqa, d_v};
+
+    std::vector<float>   s((size_t) n_head*TILE);
     std::vector<float>   acc((size_t) n_head*d_v);
     std::vector<int64_t> cells(TILE);
     std::vector<float>   bias(TILE);
     std::vector<float>   m(n_head), l(n_head);
 
-    for (int64_t ch = ith; ch < n_chunks; ch += nth) {
+    // each thread takes a contiguous run of chunks, so its reads (and prefetches) run straight on
+    const int64_t ch0 = ith*n_chunks/nth;
+    const int64_t ch1 = (ith + 1)*n_chunks/nth;
+    const int64_t c_end = ch1*n_kv/n_chunks;
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
         const int64_t c0 = ch*n_kv/n_chunks;
         const int64_t c1 = (ch + 1)*n_kv/n_chunks;
 
@@ -190,7 +407,10 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
 
         for (int64_t t = c0; t < c1; t += TILE) {
             const int64_t t1 = std::min(t + TILE, c1);
-            prefetch_rows(k0, k_row, v0, v_row, t1, std::min(t1 + TILE, c1));
+            const int64_t pf = t + PREFETCH_TILES*TILE;
+            if (pf < c_end) {
+                prefetch_rows(k0, k_row, v0, v_row, pf, std::min(pf + TILE, c_end));
+            }
             int n = 0;
             for (int64_t c = t; c < t1; ++c) {
                 const float mv = mask_value(mrow[c]);
@@ -203,33 +423,16 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
             if (n == 0) {
                 continue;
             }
-            for (int64_t h = 0; h < n_kv_h; ++h) {
-                const float * qh = (const float *) ((const char *) q->data + h*n_gqa*q->nb[1]);
-                float * acc_h = acc.data() + h*n_gqa*d_v;
-                kern.scores(qh, n_gqa, d_k, k0 + h*k->nb[1], k_row, cells.data(), n, s.data());
-                for (int g = 0; g < n_gqa; ++g) {
-                    const int64_t hq = h*n_gqa + g;
-                    float * sg = s.data() + g*TILE;
-                    float mt = -INFINITY;
-                    for (int j = 0; j < n; ++j) {
-                        sg[j] += bias[j];
-                        mt = std::max(mt, sg[j]);
-                    }
-                    if (mt > m[hq]) {
-                        const float r = m[hq] == -INFINITY ? 0.0f : expf(m[hq] - mt);
-                        l[hq] *= r;
-                        for (int64_t i = 0; i < d_v; ++i) {
-                            acc_h[g*d_v + i] *= r;
-                        }
-                        m[hq] = mt;
-                    }
-                    for (int j = 0; j < n; ++j) {
-                        sg[j] = expf(sg[j] - m[hq]);
-                        l[hq] += sg[j];
+            kern.scores((const float *) q->data, krows, cells.data(), n, s.data());
+            for (int64_t hq = 0; hq < n_head; ++hq) {
+                const float r = kern.softmax(s.data() + hq*TILE, bias.data(), n, m[hq], l[hq]);
+                if (r != 1.0f) {
+                    for (int64_t i = 0; i < d_v; ++i) {
+                        acc[hq*d_v + i] *= r;
                     }
                 }
-                kern.accum(s.data(), n_gqa, d_v, v0 + h*v->nb[1], v_row, cells.data(), n, acc_h);
             }
+            kern.accum(s.data(), vrows, cells.data(), n, acc.data());
         }
         for (int64_t hq = 0; hq < n_head; ++hq) {
             float * out = (float *) ((char *) dst->data + hq*dst->nb[1] + ch*dst->nb[2]);
