@@ -8,7 +8,7 @@ BUILD_DIR    = $(shell ls -d build/cp*/ 2>/dev/null | head -n 1)
 JOBS        ?= $(shell nproc)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 
-.PHONY: install demo test upstream-tools bench cuda clean
+.PHONY: install demo test upstream-tools bench cuda sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,25 @@ cuda: $(VENV)/.build-deps
 	    -Cbuild-dir=build/cuda-$(CUDA_ARCH) -Ccmake.define.GGML_CUDA=ON \
 	    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH) $(CUDA_CMAKE)
 
+# the test suite against a build with AddressSanitizer + UndefinedBehaviorSanitizer (its own
+# venv and build dir; python itself is not instrumented, so the runtimes are preloaded).
+# Leak checks are off: the interpreter keeps memory until exit by design.
+SAN_VENV   ?= .venv-san
+SAN_FLAGS  := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g
+SAN_CMAKE   = -Cbuild-dir=build/sanitize -Ccmake.build-type=RelWithDebInfo \
+	-Ccmake.define.CMAKE_C_FLAGS="$(SAN_FLAGS)" -Ccmake.define.CMAKE_CXX_FLAGS="$(SAN_FLAGS)" \
+	-Ccmake.define.CMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
+	-Ccmake.define.CMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" \
+	-Ccmake.define.CMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
+SAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+SAN_TESTS  ?= tests
+sanitize: upstream-tools
+	test -x $(SAN_VENV)/bin/python || $(PYTHON) -m venv $(SAN_VENV)
+	$(SAN_VENV)/bin/python -m pip install -q --upgrade $(BUILD_DEPS)
+	$(SAN_VENV)/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]' $(SAN_CMAKE)
+	LD_PRELOAD="$(SAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYLLAMA_INF_SANITIZED=1 \
+	    $(SAN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SAN_TESTS)
+
 clean:
-	rm -rf build $(VENV) vendor
+	rm -rf build $(VENV) $(SAN_VENV) vendor

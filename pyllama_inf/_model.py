@@ -12,8 +12,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from ._memory import check_host_kv
 from .config import InfLLMConfig, parse_bytes
-from .errors import ModelClosedError
+from .errors import ModelClosedError, PyllamaError
 from .gguf_info import check_gguf
 from ._text import TextAssembler
 
@@ -233,6 +234,10 @@ class Model:
     infllm: an :class:`InfLLMConfig` (default: ``InfLLMConfig()``); only with kv="infllm".
     seed: default sampling seed (None: a random one per generation).
 
+    A context whose KV cache cannot fit in host memory (the stock cache when its K/V live in
+    host memory; the InfLLM host store at a full context) raises ``ValueError`` before
+    anything is allocated.
+
     Use as a context manager or call :meth:`close`; using the model after close raises
     ``ModelClosedError``. Calls from several threads are serialised.
     """
@@ -292,7 +297,9 @@ class Model:
         self.kv_budget = budget
         self.host_budget = host
         self.path = path
-        check_gguf(path)
+        info = check_gguf(path)
+        kv_on_host = n_gpu_layers == 0 or not offload_kqv or _core.n_gpu_devices() == 0
+        check_host_kv(info, params.n_ctx, kv=kv, kv_on_host=kv_on_host)
         self._session = _core.Session(params)
 
     # -- lifetime ----------------------------------------------------------------------
@@ -457,6 +464,7 @@ class _Generation:
         self.model, self.prompt, self.sp, self.progress = model, prompt, sp, progress
         self.text = TextAssembler(stops)
         self.cancel = threading.Event()
+        self.session = None   # set while the native generation runs
 
     def run(self, on_piece: Optional[Callable[[str], None]]) -> GenerationResult:
         text = self.text
@@ -471,7 +479,13 @@ class _Generation:
             s = self.model._s()
             tokens = s.tokenize(self.prompt, add_special=True, parse_special=True)
             with _progress_callback(self.progress, len(tokens), s.n_ubatch) as on_progress:
-                out = s.generate(tokens, sampling=self.sp, on_token=on_token, on_progress=on_progress)
+                self.session = s
+                try:
+                    if self.cancel.is_set():
+                        raise PyllamaError("the generation was cancelled before it started")
+                    out = s.generate(tokens, sampling=self.sp, on_token=on_token, on_progress=on_progress)
+                finally:
+                    self.session = None
         tail = text.finish()
         if tail and on_piece is not None:
             on_piece(tail)
@@ -545,4 +559,7 @@ class TextStream:
     def close(self) -> None:
         """Stop the generation (if still running) and wait for the worker."""
         self._run.cancel.set()
+        session = self._run.session
+        if session is not None:
+            session.cancel()   # stops a prompt evaluation between two graph nodes
         self._thread.join()

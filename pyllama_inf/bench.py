@@ -36,6 +36,7 @@ from . import passkey
 from ._model import Model
 from .config import InfLLMConfig, parse_bytes
 from .errors import PyllamaError
+from ._memory import available_memory
 from .gguf_info import inspect
 
 BudgetSpec = Union[str, int]
@@ -94,18 +95,6 @@ def parse_budget(b: BudgetSpec) -> Dict[str, object]:
     return {"kv": "infllm", "kv_budget": value}
 
 
-def _available_memory() -> Optional[int]:
-    """Bytes of memory available to a new allocation (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def cpu_name() -> str:
     """The CPU model name (from /proc/cpuinfo on Linux)."""
     try:
@@ -130,7 +119,7 @@ def _skip_reason(kw: Dict[str, object], info, context: int, n_gpu_layers: int) -
         return "same as 'full' here: no layers on a GPU, so the stock cache's K/V are in host memory already"
     if kw["kv"] == "full":
         need = info.kv_bytes_per_token() * context
-        avail = _available_memory()
+        avail = available_memory()
         if avail is not None and need > 0.8 * avail:
             return (f"the stock cache needs {need / 2**20:.0f} MiB of KV for {context} tokens, more than 80% of "
                     f"the {avail / 2**20:.0f} MiB available")

@@ -37,6 +37,9 @@ def parse_bytes(value: Union[int, str, None], *, name: str = "size") -> Optional
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+_MAX_FIELD = 1 << 30   # tokens or blocks; far beyond any context llama.cpp can hold
+
+
 @dataclass(frozen=True)
 class InfLLMConfig:
     """Settings of the InfLLM KV cache (``Model(kv="infllm", infllm=...)``).
@@ -53,6 +56,9 @@ class InfLLMConfig:
         on the device so that picking them again needs no host transfer) when the model has
         no ``kv_budget``; None means ``4 * topk``, 0 none. With a ``kv_budget`` the budget
         decides it, and cache_blocks must stay None.
+
+    A window (n_init + n_local) as long as the context or longer is allowed: no block ever
+    leaves it, and the cache attends to every token as the stock cache does.
     """
 
     block_size: int = 128
@@ -68,6 +74,8 @@ class InfLLMConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"InfLLMConfig.{field} must be an int, not {type(value).__name__}")
+            if value >= _MAX_FIELD:
+                raise ValueError(f"InfLLMConfig.{field} must be below {_MAX_FIELD}, got {value}")
         if self.block_size <= 0:
             raise ValueError(f"InfLLMConfig.block_size must be > 0, got {self.block_size}")
         if self.n_init < 0:
@@ -82,7 +90,7 @@ class InfLLMConfig:
         if self.cache_blocks is not None:
             if isinstance(self.cache_blocks, bool) or not isinstance(self.cache_blocks, int):
                 raise TypeError(f"InfLLMConfig.cache_blocks must be an int or None, not {type(self.cache_blocks).__name__}")
-            if not 0 <= self.cache_blocks < 1 << 31:
-                raise ValueError(f"InfLLMConfig.cache_blocks must be >= 0, got {self.cache_blocks}")
+            if not 0 <= self.cache_blocks < _MAX_FIELD:
+                raise ValueError(f"InfLLMConfig.cache_blocks must be in [0, {_MAX_FIELD}), got {self.cache_blocks}")
         if self.positions not in ("infllm", "absolute"):
             raise ValueError(f"InfLLMConfig.positions must be 'infllm' or 'absolute', got {self.positions!r}")

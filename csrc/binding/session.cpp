@@ -1,7 +1,9 @@
 // A loaded model with one context: tokenize, evaluate, sample and generate.
 //
 // Every call that can take long releases the GIL; it takes it back only to call a Python
-// callback or to check for Ctrl-C (once per generated token or per prompt chunk).
+// callback or to check for Ctrl-C: once per generated token or prompt chunk, and every 50 ms
+// from llama.cpp's abort callback while a graph runs, which stops the graph between two nodes
+// (a long prompt chunk on a slow CPU would otherwise hold Ctrl-C back for seconds).
 // Arguments are validated here before they reach llama.cpp, so a bad value raises a
 // Python exception instead of tripping a GGML_ASSERT. Defaults and policy (stop strings,
 // text decoding, streaming) live in the Python layer.
@@ -20,7 +22,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <memory>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -129,9 +133,23 @@ public:
         return buf;
     }
 
+    // asks a running eval/generate (in another thread) to stop at the next graph node
+    void cancel() { cancel_requested.store(true); }
+
     ~session() { close(); }
 
 private:
+    std::atomic<bool> cancel_requested{false};
+    clock_type::time_point last_signal_check{};
+    std::unique_ptr<py::error_already_set> interrupt;   // raised by a signal handler mid-graph
+
+    static bool abort_check(void * data);
+    void begin_call() {
+        cancel_requested.store(false);
+        interrupt.reset();
+        last_signal_check = clock_type::now();
+    }
+
     llama_model_ptr   model;
     llama_context_ptr ctx;
     llama_batch       batch{};
@@ -203,6 +221,8 @@ session::session(const session_params & params) {
         cparams.flash_attn_type = (llama_flash_attn_type) params.flash_attn;
         cparams.offload_kqv     = params.offload_kqv;
         cparams.no_perf         = true;
+        cparams.abort_callback      = &session::abort_check;
+        cparams.abort_callback_data = this;
         if (params.infllm) {
             char err[512] = {0};
             ctx.reset(llama_init_from_model_infllm(model.get(), cparams, &params.iparams, err, sizeof(err)));
@@ -229,6 +249,25 @@ session::session(const session_params & params) {
         batch_owned = true;
         attach_threadpool(params.n_threads);
     }
+}
+
+// Called by the CPU backend after each graph node (on the thread that called llama_decode).
+bool session::abort_check(void * data) {
+    auto * s = static_cast<session *>(data);
+    if (s->cancel_requested.load(std::memory_order_relaxed) || s->interrupt) {
+        return true;
+    }
+    const auto now = clock_type::now();
+    if (now - s->last_signal_check < std::chrono::milliseconds(50)) {
+        return false;
+    }
+    s->last_signal_check = now;
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+        s->interrupt = std::make_unique<py::error_already_set>();
+        return true;
+    }
+    return false;
 }
 
 void session::attach_threadpool(int32_t n_threads) {
@@ -315,6 +354,14 @@ void session::decode_range(const std::vector<llama_token> & tokens, size_t begin
         batch.logits  [j]    = i >= out_from;
     }
     const int32_t rc = llama_decode(ctx.get(), batch);
+    if (rc == 2 && interrupt) {   // Ctrl-C (or another signal handler's exception) mid-graph
+        py::error_already_set e = std::move(*interrupt);
+        interrupt.reset();
+        throw e;
+    }
+    if (rc == 2 && cancel_requested.load()) {
+        throw pyllama_error("the generation was cancelled");
+    }
     if (rc == 1) {
         throw context_full_error("no room left in the KV cache (n_ctx = " + std::to_string(n_ctx()) + ")");
     }
@@ -351,6 +398,7 @@ py::array_t<float> session::eval(const std::vector<llama_token> & tokens, int32_
     }
     const size_t nv       = (size_t) n_vocab();
     const size_t out_from = n - (size_t) last_n;
+    begin_call();
     std::vector<float> out((size_t) last_n * nv);
     {
         py::gil_scoped_release nogil;
@@ -411,6 +459,7 @@ generation_output session::generate(const std::vector<llama_token> & prompt, con
     llama_sampler_ptr smpl = greedy ? nullptr : make_sampler(sp);
     const llama_vocab * v = vocab();
 
+    begin_call();
     generation_output out;
     out.n_prompt_tokens = (int32_t) prompt.size();
     out.finish_reason   = "length";
@@ -478,6 +527,15 @@ kv_info session::kv() const {
 } // namespace
 
 void register_session(py::module_ & m) {
+    m.def("n_gpu_devices", [] {
+        int n = 0;
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            const auto type = ggml_backend_dev_type(ggml_backend_dev_get(i));
+            n += type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU;
+        }
+        return n;
+    }, "Number of GPU devices this build of llama.cpp can use (0 on a CPU-only build).");
+
     py::class_<session_params>(m, "SessionParams", "Options for loading a model and creating its context.")
         .def(py::init<>())
         .def_readwrite("path",         &session_params::path)
@@ -580,6 +638,8 @@ void register_session(py::module_ & m) {
              "Evaluate the prompt, then sample until EOG, max_tokens, a full context or on_token(token, piece)\n"
              "returning False. on_progress(done, total) follows the prompt evaluation. Releases the GIL.")
         .def("kv", &session::kv, "KV cache token count and bytes per buffer type.")
+        .def("cancel", &session::cancel, py::call_guard<py::gil_scoped_release>(),
+             "Ask a running eval/generate (in another thread) to stop at the next graph node.")
         .def_property_readonly("n_vocab",     &session::n_vocab)
         .def_property_readonly("n_ctx",       &session::n_ctx)
         .def_property_readonly("n_ctx_train", &session::n_ctx_train)

@@ -66,8 +66,8 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     if (params.budget_bytes > 0) {
         if (params.budget_bytes < fp.fixed) {
             throw std::invalid_argument("kv_budget of " + std::to_string(params.budget_bytes) +
-                " bytes is below the minimum of " + std::to_string(fp.fixed) + " bytes (" +
-                std::to_string(fp.fixed/1024/1024 + 1) + " MiB) that this model and config need on the device "
+                " bytes is below the minimum of " + std::to_string(fp.fixed) + " bytes ('" +
+                std::to_string((fp.fixed + (1u << 20) - 1) >> 20) + "MiB' is enough) that this model and config need on the device "
                 "(local window, sinks, selected-block slots and representative keys for n_ctx = " +
                 std::to_string(n_ctx) + ")");
         }
