@@ -8,7 +8,7 @@ BUILD_DIR    = $(shell ls -d build/cp*/ 2>/dev/null | head -n 1)
 JOBS        ?= $(shell nproc)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 
-.PHONY: install demo test upstream-tools bench cuda sanitize clean
+.PHONY: install demo test upstream-tools bench kernel-bench cuda sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ test: upstream-tools
 
 bench: upstream-tools
 	$(PY) benchmarks/overhead.py --out benchmarks/results
+
+# the CPU decode kernel alone (benchmarks/attn_kernel_bench.cpp), linked against the build's ggml
+GGML_LIBS = $(addprefix $(BUILD_DIR)llama.cpp/ggml/src/,libggml.a libggml-cpu.a libggml-base.a)
+kernel-bench: install
+	mkdir -p build/bin
+	$(CXX) -O3 -DNDEBUG -std=c++17 -Icsrc/engine -Ivendor/llama.cpp/ggml/include \
+	    benchmarks/attn_kernel_bench.cpp csrc/engine/llama-infllm-attn-cpu.cpp $(GGML_LIBS) \
+	    -fopenmp -lpthread -o build/bin/attn_kernel_bench
 
 # a CUDA wheel in its own build directory (dist/); CUDA_ARCH: one architecture. Extra CMake
 # options for this build: CUDA_CMAKE="-Ccmake.define.CUDAToolkit_ROOT=/path ..."

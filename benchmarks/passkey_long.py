@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Passkey retrieval beyond the trained context: kv="infllm" (defaults) against the stock cache.
 
-For each length, --trials prompts at each depth (the seed differs per trial and depth).
+For each length, --trials prompts at each depth (the key depends on --seed, the depth, the length and the trial).
 Writes passkey_long.json and passkey_long.md to --out.
 Usage: python benchmarks/passkey_long.py --runs "infllm:16384:0.1,0.5,0.9;full:16384:0.5" --trials 1 --out DIR
 """
@@ -22,13 +22,15 @@ from pyllama_inf.testing import smollm2_path
 from _common import command, machine, now
 
 
-def run(model: str, kv: str, length: int, depths: list[float], trials: int, threads: int) -> list[dict]:
+def run(model: str, kv: str, length: int, depths: list[float], trials: int, threads: int, seed: int) -> list[dict]:
     kwargs = dict(kv="infllm", infllm=pi.InfLLMConfig()) if kv == "infllm" else dict(flash_attn=True)
     rows = []
     with pi.Model(model, n_ctx=length + 64, n_threads=threads, **kwargs) as m:
-        for j, depth in enumerate(depths):
+        for depth in depths:
             t0 = time.perf_counter()
-            for r in passkey.run(m, length, [depth], trials, seed=1000 * j + length):
+            # the key depends on (seed, depth, length, trial), not on where the depth is listed
+            key_seed = seed + 1_000_003 * round(depth * 1000) + length
+            for r in passkey.run(m, length, [depth], trials, seed=key_seed):
                 rows.append({"kv": kv, "length": length, **dataclasses.asdict(r)})
                 print(f"{kv:>6} {length:>6} depth {depth:.2f}: {'ok ' if r.correct else 'MISS'} {r.output!r}",
                       file=sys.stderr, flush=True)
@@ -43,13 +45,14 @@ def main() -> int:
                     help="';'-separated CACHE:LENGTH:DEPTHS (CACHE is infllm or full)")
     ap.add_argument("--trials", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="base of the key seeds (new keys for a new run)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model = args.model or str(smollm2_path())
     rows = []
     for spec in args.runs.split(";"):
         kv, length, depths = spec.split(":")
-        rows += run(model, kv, int(length), [float(d) for d in depths.split(",")], args.trials, args.threads)
+        rows += run(model, kv, int(length), [float(d) for d in depths.split(",")], args.trials, args.threads, args.seed)
 
     summary = {}
     for r in rows:

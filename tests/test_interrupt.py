@@ -72,6 +72,9 @@ def test_ctrl_c_interrupts_quickly_and_model_stays_usable(smollm2, kv, phase):
     assert result["caught"] is not None, out
     latency = result["caught"] - t_sent
     print(f"{kv} {phase}: KeyboardInterrupt {latency * 1000:.0f} ms after SIGINT")
-    assert 0 <= latency < 1.0, f"KeyboardInterrupt came {latency:.2f} s after SIGINT"
+    # a graph node is the unit of interruption; under the sanitizers (`make sanitize`) one
+    # node of a 4096-token chunk alone takes over a second
+    bound = 5.0 if os.environ.get("PYLLAMA_INF_SANITIZED") else 1.0
+    assert 0 <= latency < bound, f"KeyboardInterrupt came {latency:.2f} s after SIGINT"
     assert result["same"], result
     assert result["logits_ok"]

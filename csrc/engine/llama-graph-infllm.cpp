@@ -17,7 +17,7 @@ class llm_graph_input_attn_infllm : public llm_graph_input_attn_kv {
 public:
     llm_graph_input_attn_infllm(const llama_hparams & hparams, const llama_cparams & cparams,
                                 const llama_kv_cache_infllm_context * mctx) :
-        llm_graph_input_attn_kv(hparams, cparams, nullptr), mctx_infllm(mctx) {}
+        llm_graph_input_attn_kv(hparams, cparams, nullptr), mctx_infllm(mctx), cache(mctx->get_cache()) {}
 
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override;
@@ -31,7 +31,10 @@ public:
     bool     memory = false;   // the window start is past 0: sinks and blocks are memory
     bool     evict  = false;   // blocks (or the sinks) leave the window in this ubatch
 
+    // the memory context of the ubatch being computed: llama_decode frees it when it returns,
+    // so can_reuse must not look at the previous one (it compares caches through `cache`)
     const llama_kv_cache_infllm_context * mctx_infllm;
+    const llama_kv_cache_infllm * cache;   // lives as long as the llama_context
 };
 
 // memory rows attended: the sinks and the selected blocks
@@ -120,7 +123,7 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
 
 bool llm_graph_input_attn_infllm::can_reuse(const llm_graph_params & params) {
     const auto * m = dynamic_cast<const llama_kv_cache_infllm_context *>(params.mctx);
-    if (m == nullptr || m->get_cache() != mctx_infllm->get_cache() || m->is_reserve()) {
+    if (m == nullptr || m->get_cache() != cache || m->is_reserve()) {
         return false;
     }
     const infllm_shape now(m, params.ubatch);
