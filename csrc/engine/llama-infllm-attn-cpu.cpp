@@ -153,7 +153,7 @@ INFLLM_AVX2 inline void scores_block(const float * q, int64_t d, const char * k,
 // CB cells at a time, every KV head of those cells before the next CB: the rows are read in order
 template <int G>
 INFLLM_AVX2 void scores_avx2(const float * q, const rows & k, const int64_t * cells, int n, float * s) {
-    constexpr int CB = 12/G > 8 ? 8 : 12/G > 0 ? 12/G : 1;
+    constexpr int CB = std::min(8, 12/G);   // G <= 8, so CB >= 1
     int j = 0;
     for (; j + CB <= n; j += CB) {
         for (int64_t h = 0; h < k.n_kv_head; ++h) {
@@ -231,6 +231,12 @@ INFLLM_AVX2 inline __m256 exp_nonpos(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// all-ones in lanes [0, n), zeros in the rest
+INFLLM_AVX2 inline __m256 first_lanes(int n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+}
+
 // one tile of one head's online softmax: s[j] += bias[j]; m = max(m, max s); s[j] = e^(s[j] - m)
 // (0 past n); l = l*r + sum s. Returns r = e^(m_old - m_new), the factor for the accumulator.
 INFLLM_AVX2 float softmax_tile_avx2(float * s, const float * bias, int n, float & m, float & l) {
@@ -239,8 +245,7 @@ INFLLM_AVX2 float softmax_tile_avx2(float * s, const float * bias, int n, float 
     for (int t = 0; t < nv; ++t) {
         __m256 x = _mm256_add_ps(_mm256_loadu_ps(s + 8*t), _mm256_loadu_ps(bias + 8*t));
         if (8*t + 8 > n) {   // lanes past n take no part
-            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8*t), lane));
+            const __m256 keep = first_lanes(n - 8*t);
             x = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, keep);
         }
         _mm256_storeu_ps(s + 8*t, x);
@@ -260,8 +265,7 @@ INFLLM_AVX2 float softmax_tile_avx2(float * s, const float * bias, int n, float 
     for (int t = 0; t < nv; ++t) {
         __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + 8*t), mv));
         if (8*t + 8 > n) {
-            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8*t), lane));
+            const __m256 keep = first_lanes(n - 8*t);
             e = _mm256_and_ps(e, keep);
         }
         _mm256_storeu_ps(s + 8*t, e);
@@ -346,15 +350,15 @@ kernels pick_kernels(int64_t d_k, int64_t d_v, int n_gqa) {
     return {scores_generic, accum_generic, softmax_tile_generic};
 }
 
-// pull the K and V rows of cells [c0, c1) towards the cache (a tile ahead, while this one runs);
+// pull the K and V rows of cells [c0, c1) towards the cache (PREFETCH_TILES ahead of the running tile),
 // into the outer levels: they are used once, a few tiles later
-inline void prefetch_rows(const char * k, size_t k_row, const char * v, size_t v_row, int64_t c0, int64_t c1) {
+inline void prefetch_rows(const rows & k, const rows & v, int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-        for (size_t off = 0; off < k_row; off += 64) {
-            __builtin_prefetch(k + c*k_row + off, 0, 1);
+        for (size_t off = 0; off < k.row; off += 64) {
+            __builtin_prefetch(k.data + c*k.row + off, 0, 1);
         }
-        for (size_t off = 0; off < v_row; off += 64) {
-            __builtin_prefetch(v + c*v_row + off, 0, 1);
+        for (size_t off = 0; off < v.row; off += 64) {
+            __builtin_prefetch(v.data + c*v.row + off, 0, 1);
         }
     }
 }
@@ -378,14 +382,9 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
     const int64_t n_chunks = dst->ne[2];
     const kernels kern     = pick_kernels(d_k, d_v, n_gqa);
     const ggml_fp16_t * mrow = (const ggml_fp16_t *) mask->data;
-    const char * k0 = (const char *) k->data;
-    const char * v0 = (const char *) v->data;
-    // bytes from one cell's first head to the next cell's (rows hold every KV head)
-    const size_t k_row = k->nb[2];
-    const size_t v_row = v->nb[2];
-
-    const rows krows = {k0, k_row, k->nb[1], n_kv_h, n_gqa, d_k};
-    const rows vrows = {v0, v_row, v->nb[1], n_kv_h, n_gqa, d_v};
+    // a cell's row holds every KV head: nb[2] bytes from one cell to the next
+    const rows krows = {(const char *) k->data, k->nb[2], k->nb[1], n_kv_h, n_gqa, d_k};
+    const rows vrows = {(const char *) v->data, v->nb[2], v->nb[1], n_kv_h, n_gqa, d_v};
 
     std::vector<float>   s((size_t) n_head*TILE);
     std::vector<float>   acc((size_t) n_head*d_v);
@@ -409,7 +408,7 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
             const int64_t t1 = std::min(t + TILE, c1);
             const int64_t pf = t + PREFETCH_TILES*TILE;
             if (pf < c_end) {
-                prefetch_rows(k0, k_row, v0, v_row, pf, std::min(pf + TILE, c_end));
+                prefetch_rows(krows, vrows, pf, std::min(pf + TILE, c_end));
             }
             int n = 0;
             for (int64_t c = t; c < t1; ++c) {
