@@ -8,7 +8,7 @@ BUILD_DIR    = $(shell ls -d build/cp*/ 2>/dev/null | head -n 1)
 JOBS        ?= $(shell nproc)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 
-.PHONY: install demo test upstream-tools bench kernel-bench cuda sanitize clean
+.PHONY: install demo test test-vulkan vulkan-install upstream-tools bench kernel-bench cuda sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,9 @@ install: $(VENV)/.build-deps
 
 # upstream's own llama-completion and llama-bench, from the same vendored tree and flags
 upstream-tools: install
-	$(VENV)/bin/cmake --build $(BUILD_DIR) --target llama-completion llama-bench llama-quantize
+	$(VENV)/bin/cmake --build $(BUILD_DIR) --target llama-completion llama-bench llama-quantize ggml-rpc-server
 	mkdir -p build/bin && cp $(BUILD_DIR)/bin/llama-completion $(BUILD_DIR)/bin/llama-bench \
-	    $(BUILD_DIR)/bin/llama-quantize build/bin/
+	    $(BUILD_DIR)/bin/llama-quantize $(BUILD_DIR)/bin/ggml-rpc-server build/bin/
 
 demo: install
 	$(PY) -m pyllama_inf.cli demo
@@ -75,5 +75,19 @@ sanitize: upstream-tools
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYLLAMA_INF_SANITIZED=1 \
 	    $(SAN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SAN_TESTS)
 
+# the device tests on Vulkan (Mesa's lavapipe: a Vulkan device that computes on the CPU),
+# from a Vulkan build in its own venv and build dir. Needs the Debian packages
+# mesa-vulkan-drivers glslc libvulkan-dev; ggml only lists CPU-type Vulkan devices when
+# GGML_VK_VISIBLE_DEVICES names them.
+VK_VENV  ?= .venv-vulkan
+VK_CMAKE := -Cbuild-dir=build/vulkan -Ccmake.define.GGML_VULKAN=ON
+vulkan-install: $(VENV)/.build-deps
+	test -x $(VK_VENV)/bin/python || $(PYTHON) -m venv $(VK_VENV)
+	$(VK_VENV)/bin/python -m pip install -q --upgrade $(BUILD_DEPS)
+	$(VK_VENV)/bin/python -m pip install -q --no-build-isolation -e '.[test]' $(VK_CMAKE)
+
+test-vulkan: vulkan-install upstream-tools
+	GGML_VK_VISIBLE_DEVICES=0 PYLLAMA_INF_DEVICE_TESTS=vulkan $(VK_VENV)/bin/python -m pytest -q tests/test_device.py
+
 clean:
-	rm -rf build $(VENV) $(SAN_VENV) vendor
+	rm -rf build $(VENV) $(SAN_VENV) $(VK_VENV) vendor

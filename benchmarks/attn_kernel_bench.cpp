@@ -57,7 +57,7 @@ int main(int argc, char ** argv) {
             fill16(k);
             fill16(v);
         }
-        ggml_tensor * o = llama_infllm_attn_one_query_cpu(ctx, q, k, v, mask, 0.125f, std::clamp(n_kv/256, 1, 32));
+        ggml_tensor * o = llama_infllm_attn_one_query_cpu(ctx, q, k, v, nullptr, mask, 0.125f, std::clamp(n_kv/256, 1, 32));
         ggml_build_forward_expand(gf, o);
         qs.push_back(q); ks.push_back(k); vs.push_back(v); outs.push_back(o);
     }

@@ -6,9 +6,11 @@ generate() on a d-token prompt and then decodes --n-gen tokens:
   prefill tok/s: the last 512-token chunk of the prompt (pp512 at depth d - 512), timed with
                  the prompt-progress callback;
   decode tok/s:  the single-token steps after the prompt (tg at depth d).
-The stock cache runs with flash attention on and off (ratios against the faster of the two);
-the InfLLM cache uses the default InfLLMConfig (block 128, n_init 128, n_local 4096, topk 16).
-Writes infllm_speed.json and infllm_speed.md to --out.
+The stock cache runs with flash attention on and off (ratios against the faster of the two)
+up to --stock-max-depth; the InfLLM cache uses the default InfLLMConfig (block 128, n_init
+128, n_local 4096, topk 16) at every depth, and its counters (hand-overs, transfers, host
+work per decoded token) are recorded. --n-gpu-layers puts the layers (and both caches) on a
+GPU. Writes infllm_speed.json and infllm_speed.md to --out.
 """
 
 from __future__ import annotations
@@ -32,19 +34,32 @@ CACHES = {"full-fa": dict(flash_attn=True), "full-nofa": dict(flash_attn=False),
           "infllm": dict(kv="infllm", infllm=pi.InfLLMConfig())}
 
 
-def measure(model: str, cache: str, depths: list[int], threads: int, n_gen: int) -> dict:
+def infllm_counters(m: pi.Model) -> dict:
+    inf = m.kv_stats().infllm
+    return {} if inf is None else {"callbacks": inf.callbacks, "ubatches": inf.ubatches,
+                                   "bytes_h2d": inf.bytes_h2d, "misses": inf.misses,
+                                   "host_work_s": inf.host_work_s, "transfer_wait_s": inf.transfer_wait_s}
+
+
+def measure(model: str, cache: str, depths: list[int], threads: int, n_gen: int, n_gpu_layers: int) -> dict:
     n_ctx = max(depths) + n_gen + 64
     out = {}
-    with pi.Model(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=CHUNK, **CACHES[cache]) as m:
+    with pi.Model(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=CHUNK, n_gpu_layers=n_gpu_layers,
+                  **CACHES[cache]) as m:
         for d in depths:
             prompt = prompt_of(m, d)
             stamps = [(0, time.perf_counter())]
+            before = infllm_counters(m)
             r = m.generate(prompt, max_tokens=n_gen + 1, temperature=0,
                            progress=lambda done, total: stamps.append((done, time.perf_counter())))
+            after = infllm_counters(m)
             (n0, t0), (n1, t1) = stamps[-2], stamps[-1]
             out[d] = {"prefill_tok_s": (n1 - n0) / (t1 - t0), "decode_tok_s": r.timings.decode_tok_s,
                       "decode_tokens": r.timings.decode_tokens, "prompt_tokens": r.n_prompt_tokens,
                       "prompt_s": r.timings.prefill_s, "kv_device_bytes": m.kv_stats().device_bytes}
+            if after:
+                # per generate(): prefill and decode together
+                out[d]["infllm"] = {k: after[k] - before[k] for k in after}
             print(f"{cache:>9} depth {d:>6}: prefill {out[d]['prefill_tok_s']:7.1f} tok/s, "
                   f"decode {out[d]['decode_tok_s']:6.2f} tok/s", file=sys.stderr, flush=True)
     return out
@@ -57,28 +72,37 @@ def main() -> int:
     ap.add_argument("--depths", default="2048,8192,16384,32768")
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--stock", default="full-fa,full-nofa", help="stock configurations to run")
+    ap.add_argument("--stock-max-depth", type=int, default=None,
+                    help="run the stock cache only up to this depth (default: every depth)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model = args.model or str(smollm2_path())
     depths = [int(d) for d in args.depths.split(",")]
     stock = args.stock.split(",")
 
-    res = {c: measure(model, c, depths, args.threads, args.n_gen) for c in stock + ["infllm"]}
+    stock_depths = [d for d in depths if args.stock_max_depth is None or d <= args.stock_max_depth]
+    res = {c: measure(model, c, stock_depths, args.threads, args.n_gen, args.n_gpu_layers) for c in stock}
+    res["infllm"] = measure(model, "infllm", depths, args.threads, args.n_gen, args.n_gpu_layers)
     inf = res["infllm"]
     rows = []
     for d in depths:
         row = {"depth": d}
+        have_stock = d in stock_depths
         for c in stock:
-            row[f"{c}_prefill_tok_s"] = round(res[c][d]["prefill_tok_s"], 2)
-            row[f"{c}_decode_tok_s"] = round(res[c][d]["decode_tok_s"], 2)
-        best_pp = max(res[c][d]["prefill_tok_s"] for c in stock)
-        best_tg = max(res[c][d]["decode_tok_s"] for c in stock)
+            row[f"{c}_prefill_tok_s"] = round(res[c][d]["prefill_tok_s"], 2) if have_stock else None
+            row[f"{c}_decode_tok_s"] = round(res[c][d]["decode_tok_s"], 2) if have_stock else None
         row.update({"infllm_prefill_tok_s": round(inf[d]["prefill_tok_s"], 2),
                     "infllm_decode_tok_s": round(inf[d]["decode_tok_s"], 2),
-                    "prefill_ratio": round(inf[d]["prefill_tok_s"] / best_pp, 3),
-                    "decode_ratio": round(inf[d]["decode_tok_s"] / best_tg, 3)})
+                    "prefill_ratio": None, "decode_ratio": None})
+        if have_stock:
+            best_pp = max(res[c][d]["prefill_tok_s"] for c in stock)
+            best_tg = max(res[c][d]["decode_tok_s"] for c in stock)
+            row["prefill_ratio"] = round(inf[d]["prefill_tok_s"] / best_pp, 3)
+            row["decode_ratio"] = round(inf[d]["decode_tok_s"] / best_tg, 3)
         rows.append(row)
     meta = {"command": command(), "model": Path(model).name, "threads": args.threads, "n_gen": args.n_gen,
+            "n_gpu_layers": args.n_gpu_layers, "gpu_devices": pi.gpu_devices(),
             "infllm_config": dataclasses.asdict(pi.InfLLMConfig()),
             "machine": machine(), "upstream_commit": pi.UPSTREAM_COMMIT, "date": now(), "raw": res}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,22 +115,37 @@ def main() -> int:
         "",
         f"- model: {meta['model']}, threads: {args.threads}, InfLLM defaults (block 128, n_init 128, "
         f"n_local 4096, topk 16, no kv_budget); stock cache with flash attention on (FA) and off",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; llama.cpp {pi.UPSTREAM_COMMIT}",
+        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; llama.cpp {pi.UPSTREAM_COMMIT}"
+        + (f"; layers on {', '.join(d for _, d in meta['gpu_devices'])}" if args.n_gpu_layers else ""),
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---:|" * len(head),
     ]
+    def cell(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
     for r in rows:
-        cells = [str(r["depth"])] + [f"{r[c + '_prefill_tok_s']:.1f}" for c in stock] + \
-                [f"{r['infllm_prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}x"] + \
-                [f"{r[c + '_decode_tok_s']:.2f}" for c in stock] + \
-                [f"{r['infllm_decode_tok_s']:.2f}", f"{r['decode_ratio']:.2f}x"]
+        cells = [str(r["depth"])] + [cell(r[c + "_prefill_tok_s"], ".1f") for c in stock] + \
+                [f"{r['infllm_prefill_tok_s']:.1f}", cell(r["prefill_ratio"], ".2f") + "x" * (r["prefill_ratio"] is not None)] + \
+                [cell(r[c + "_decode_tok_s"], ".2f") for c in stock] + \
+                [f"{r['infllm_decode_tok_s']:.2f}", cell(r["decode_ratio"], ".2f") + "x" * (r["decode_ratio"] is not None)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"tok/s; prefill = the {CHUNK}-token chunk ending at the depth, decode = {args.n_gen} single-token "
-                 "steps after it. Ratios are InfLLM over the faster stock configuration at that depth.")
+                 "steps after it. Ratios are InfLLM over the faster stock configuration at that depth"
+                 + (f"; the stock cache ran up to {args.stock_max_depth} (—: not run)." if stock_depths != depths else "."))
+    lines.append("")
+    lines.append("InfLLM counters per generate() (prefill and decode): hand-overs to the cache during the compute, "
+                 "host->device MiB, host work ms per decoded token:")
+    lines.append("")
+    for d in depths:
+        c = inf[d].get("infllm", {})
+        if c:
+            lines.append(f"- {d}: {c['callbacks']} hand-overs in {c['ubatches']} ubatches, "
+                         f"{c['bytes_h2d'] / 2**20:.1f} MiB h2d, {c['misses']} misses, "
+                         f"host work {1e3 * c['host_work_s'] / max(1, inf[d]['decode_tokens']):.2f} ms/token")
     return write_markdown(args.out, "infllm_speed", lines)
 
 

@@ -5,11 +5,11 @@ Two parts, one model, same threads, one run:
   growth: one --length prompt under --budget; at each multiple of --every tokens (read from
           the prompt-progress callback) device bytes, host bytes, blocks resident, hits,
           misses and host->device bytes are recorded.
-  cost:   a --cost-length prompt then --n-gen decode steps, for four device block caches:
-          none (cache_blocks=0: every block not in the working set comes from the host
-          store), the default without a budget (4 x topk blocks), the --budget, and one
-          holding every block ("all resident"). Prefill tok/s (last chunk),
-          decode tok/s, hit rate and host->device bytes per decoded token.
+  cost:   a --cost-length prompt then --n-gen decode steps, for three device pools: the
+          blocks of one selection only (cache_blocks=topk: every other pick comes from the
+          host store), the --budget, and every block (no budget: resident). Prefill tok/s
+          (last chunk), decode tok/s, hit rate, host->device bytes, hand-overs to the cache
+          and the share of decode time spent waiting for transfers, per decoded token.
 Writes offload.json and offload.md to --out.
 """
 
@@ -36,7 +36,8 @@ def snapshot(m: pi.Model, n: int) -> dict:
     return {"tokens": n, "device_bytes": s.device_bytes, "host_bytes": s.host_bytes, "n_pool": inf.n_pool,
             "blocks": inf.n_blocks, "blocks_resident": inf.blocks_resident, "hits": inf.hits,
             "misses": inf.misses, "bytes_h2d": inf.bytes_h2d, "bytes_d2h": inf.bytes_d2h,
-            "transfer_wait_s": round(inf.transfer_wait_s, 3), "host_work_s": inf.host_work_s}
+            "transfer_wait_s": inf.transfer_wait_s, "host_work_s": inf.host_work_s,
+            "callbacks": inf.callbacks, "resident": inf.resident}
 
 
 def growth(model: str, length: int, every: int, budget: int, threads: int) -> list[dict]:
@@ -83,7 +84,10 @@ def cost(model: str, length: int, n_gen: int, budgets: dict, threads: int) -> li
                          "decode_hit_rate": round(d_hits / max(d_hits + d_miss, 1), 3),
                          "decode_h2d_bytes_per_token": round((after["bytes_h2d"] - before["bytes_h2d"]) / steps),
                          "decode_host_work_ms_per_token": round(1000 * (after["host_work_s"] - before["host_work_s"]) / steps, 2),
-                         "transfer_wait_s": after["transfer_wait_s"]})
+                         "decode_callbacks_per_token": round((after["callbacks"] - before["callbacks"]) / steps, 1),
+                         "decode_wait_share": round((after["transfer_wait_s"] - before["transfer_wait_s"])
+                                                    / max(r.timings.decode_s, 1e-9), 4),
+                         "resident": after["resident"], "transfer_wait_s": round(after["transfer_wait_s"], 3)})
             print(f"cost {name:>12}: {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
@@ -104,8 +108,8 @@ def main() -> int:
 
     grow = growth(model, args.length, args.every, budget, args.threads)
     costs = cost(model, args.cost_length, args.n_gen,
-                 {"none": dict(infllm=pi.InfLLMConfig(cache_blocks=0)), "default (no budget)": {},
-                  args.budget: dict(kv_budget=budget), "all resident": dict(kv_budget=64 << 30)}, args.threads)
+                 {"one selection": dict(infllm=pi.InfLLMConfig(cache_blocks=pi.InfLLMConfig().topk)),
+                  args.budget: dict(kv_budget=budget), "resident (no budget)": {}}, args.threads)
 
     meta = {"command": command(), "model": Path(model).name, "threads": args.threads, "budget": args.budget,
             "infllm_config": dataclasses.asdict(pi.InfLLMConfig()), "machine": machine(),
@@ -135,18 +139,20 @@ def main() -> int:
         "",
         f"## Cost of offload ({args.cost_length}-token prompt, then {args.n_gen} decode steps)",
         "",
-        "| budget | block-cache slots | device MiB | prefill tok/s | decode tok/s | prefill hit rate | "
-        "decode hit rate | host->device bytes / token | cache host work ms / token | transfer wait s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| budget | pool slots | device MiB | prefill tok/s | decode tok/s | prefill hit rate | "
+        "decode hit rate | host->device bytes / token | hand-overs / token | host work ms / token | "
+        "decode time waiting for transfers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in costs:
         lines.append(f"| {r['budget']} | {r['n_pool']} | {r['device_bytes'] / MiB:.1f} | {r['prefill_tok_s']:.1f} | "
                      f"{r['decode_tok_s']:.2f} | {r['prefill_hit_rate']:.3f} | {r['decode_hit_rate']:.3f} | "
-                     f"{r['decode_h2d_bytes_per_token']} | {r['decode_host_work_ms_per_token']:.2f} | "
-                     f"{r['transfer_wait_s']:.2f} |")
+                     f"{r['decode_h2d_bytes_per_token']} | {r['decode_callbacks_per_token']:.1f} | "
+                     f"{r['decode_host_work_ms_per_token']:.2f} | {100 * r['decode_wait_share']:.1f}% |")
     lines.append("")
-    lines.append("hit rate: picked (layer, block) pairs found on the device (working set or block cache); "
-                 "host work: the cache's own callbacks (moving evicted blocks, placing picked ones).")
+    lines.append("hit rate: picked (layer, block) pairs found in the device pool (1.0 when resident); hand-overs: "
+                 "times a graph stopped for the cache (offload: the selection of each layer, and each layer's "
+                 "eviction when blocks leave the window); host work: the time spent in them.")
     return write_markdown(args.out, "offload", lines)
 
 

@@ -14,6 +14,13 @@ from .errors import (ContextFullError, DecodeError, ModelClosedError, ModelLoadE
                      UnsupportedError)
 from .gguf_info import ModelInfo, inspect
 
+
+def gpu_devices():
+    """(name, description) of each GPU device of this build (CUDA, Vulkan, ...), in ``main_gpu``
+    order; empty on a CPU-only build. RPC servers are not listed: see ``Model(rpc_servers=)``."""
+    return list(_core.gpu_devices())
+
+
 __version__ = "0.1.0"
 UPSTREAM_COMMIT = _core.upstream_commit
 
@@ -22,5 +29,5 @@ _log.install()
 __all__ = [
     "Model", "GenerationResult", "KVStats", "InfLLMStats", "TextStream", "Timings", "InfLLMConfig", "parse_bytes",
     "inspect", "ModelInfo", "PyllamaError", "ModelLoadError", "ContextFullError", "DecodeError",
-    "ModelClosedError", "UnsupportedError", "UPSTREAM_COMMIT",
+    "ModelClosedError", "UnsupportedError", "UPSTREAM_COMMIT", "gpu_devices",
 ]

@@ -1,10 +1,15 @@
 """Type stub of the native module (see csrc/binding/)."""
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 upstream_commit: str
+RPC_AVAILABLE: bool
+RPC_PROTO_MAJOR_VERSION: int
+
+def n_gpu_devices() -> int: ...
+def gpu_devices() -> List[Tuple[str, str]]: ...
 
 class PyllamaError(RuntimeError): ...
 class ModelLoadError(PyllamaError): ...
@@ -17,6 +22,8 @@ def set_log_handler(handler: Optional[Callable[[int, str], None]]) -> None: ...
 class SessionParams:
     path: str
     n_gpu_layers: int
+    main_gpu: int
+    rpc_servers: str
     n_ctx: int
     n_batch: int
     n_ubatch: int
@@ -64,6 +71,7 @@ class InfLLMStats:
     selections: int
     n_ring: int
     n_pool: int
+    resident: bool
     work_bytes: int
     pool_bytes: int
     repr_bytes: int
@@ -72,8 +80,9 @@ class InfLLMStats:
     host_bytes: int
     blocks_resident: int
     hits: int
-    pool_hits: int
     misses: int
+    ubatches: int
+    callbacks: int
     bytes_h2d: int
     bytes_d2h: int
     transfer_wait_s: float

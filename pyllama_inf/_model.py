@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from ._devices import check_rpc_servers, parse_rpc_servers
 from ._memory import check_host_kv
 from .config import InfLLMConfig, parse_bytes
 from .errors import ModelClosedError, PyllamaError
@@ -75,20 +76,27 @@ class InfLLMStats:
     n_blocks_max: block capacity (n_ctx after the sinks, in blocks);
     selections: (ubatch, layer) top-k selections made over at least one memory block;
     n_ring: cells of the local window ring per layer;
-    n_pool: device block-cache slots per layer (bought by ``kv_budget``; 0 without one);
+    n_pool: device block slots per layer: every block when ``resident``, else what
+        ``kv_budget`` (or ``InfLLMConfig.cache_blocks``) buys;
+    resident: every block has a device slot: no host store, no transfers, and the cache never
+        interrupts a graph (``callbacks`` stays 0);
     work_bytes / pool_bytes / repr_bytes: device bytes of the attention working sets (local
-        ring, sinks, selected-block slots), of the block cache and of the representative keys;
+        ring, sinks, rows of the selected blocks, eviction buffers), of the block pool and of
+        the representative keys;
     device_bytes: their sum (never above budget_bytes when a budget is set);
     budget_bytes: the device byte budget (0: none);
-    host_bytes: bytes of the host block store (evicted blocks and the sinks; grows in chunks);
-    blocks_resident: (layer, block) pairs on the device, working sets and block cache;
-    hits / misses: (layer, picked block) pairs found on the device / fetched from the host
-        store; pool_hits: the hits copied from the block cache; hit_rate = hits / (hits + misses);
-    bytes_h2d / bytes_d2h: bytes moved host -> device (blocks, sinks, representative keys) and
+    host_bytes: bytes of the host block store (offload; grows in chunks, kept across sequences);
+    blocks_resident: (layer, block) pairs in the device pool;
+    hits / misses: (layer, picked block) pairs found in the pool / fetched from the host
+        store (offload); hit_rate = hits / (hits + misses), 1.0 when resident;
+    ubatches: ubatches computed;
+    callbacks: times the cache took over during a graph compute (offload: the eviction and
+        the selection of each layer); each one synchronises the device;
+    bytes_h2d / bytes_d2h: bytes moved host -> device (missing blocks, their slots) and
         device -> host (evicted blocks);
     transfer_wait_s: time spent waiting for those transfers;
-    host_work_s: time the cache spent in its own host-side work while graphs ran (moving
-        evicted blocks to the host store, placing picked blocks; includes transfer_wait_s).
+    host_work_s: time the cache spent in its callbacks while graphs ran (includes
+        transfer_wait_s).
     """
 
     n_blocks: int
@@ -96,6 +104,7 @@ class InfLLMStats:
     selections: int
     n_ring: int
     n_pool: int
+    resident: bool
     work_bytes: int
     pool_bytes: int
     repr_bytes: int
@@ -104,8 +113,9 @@ class InfLLMStats:
     host_bytes: int
     blocks_resident: int
     hits: int
-    pool_hits: int
     misses: int
+    ubatches: int
+    callbacks: int
     bytes_h2d: int
     bytes_d2h: int
     transfer_wait_s: float
@@ -113,6 +123,9 @@ class InfLLMStats:
 
     @property
     def hit_rate(self) -> float:
+        """Share of picked blocks found on the device: 1.0 when resident (every block is)."""
+        if self.resident:
+            return 1.0
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
@@ -214,7 +227,15 @@ class Model:
     path: the GGUF file.
     n_ctx: context size in tokens.
     n_threads: CPU threads (default: all CPUs this process may use).
-    n_gpu_layers: layers offloaded to the GPU (-1: all) on a GPU build.
+    n_gpu_layers: layers offloaded to the device (-1: all): a GPU of a GPU build (CUDA,
+        Vulkan, ...) or the RPC servers' devices.
+    main_gpu: the device (index into :func:`gpu_devices`, or into the RPC servers' devices)
+        that holds the model when it is not split.
+    rpc_servers: ``"host:port[,host:port...]"``: run the offloaded layers on llama.cpp RPC
+        servers (upstream's ``rpc-server``) instead of local GPUs. Each server is checked
+        before loading: unreachable or not an RPC server of this llama.cpp version ->
+        ``ConnectionError``. A server that dies while a model uses it ends this process
+        (llama.cpp's RPC client aborts).
     n_batch: most tokens handed to llama.cpp at once; n_ubatch: tokens per compute step
         (the prompt is evaluated in n_ubatch chunks).
     flash_attn: True / False, or None to let llama.cpp decide.
@@ -225,11 +246,13 @@ class Model:
         and the local window (see :class:`InfLLMConfig`). It serves one sequence of plain
         RoPE attention (no SWA, MLA, YaRN, recurrent layers) and ignores ``flash_attn``.
     kv_budget: device byte budget of the InfLLM cache (int or "256MiB"; kv="infllm" only).
-        It must hold the local window, the sinks, the selected-block slots and the
-        representative keys (``ValueError`` names the minimum); what is left buys a device
-        block cache. Evicted blocks always live in a host store. None: no byte bound, and a
-        block cache of ``InfLLMConfig.cache_blocks`` (default 4 x topk) blocks per layer.
-    host_budget: bytes the host block store may reach at n_ctx (kv="infllm" only);
+        A budget that holds every block of n_ctx keeps them all on the device ("resident":
+        no host store, no transfers). A smaller one must hold the local window, the sinks,
+        the blocks of one selection, eviction buffers and the representative keys
+        (``ValueError`` names the minimum); the rest buys device block slots, and blocks
+        that do not fit come from a host store ("offload"). None: no byte bound; every block
+        on the device unless ``InfLLMConfig.cache_blocks`` limits the slots.
+    host_budget: bytes the host block store may reach at n_ctx (kv="infllm", offload only);
         ``ValueError`` at load when n_ctx would need more. None: unbounded.
     infllm: an :class:`InfLLMConfig` (default: ``InfLLMConfig()``); only with kv="infllm".
     seed: default sampling seed (None: a random one per generation).
@@ -243,7 +266,8 @@ class Model:
     """
 
     def __init__(self, path, *, n_ctx: int = 4096, n_threads: Optional[int] = None,
-                 n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
+                 n_gpu_layers: int = 0, main_gpu: int = 0, rpc_servers: Optional[str] = None,
+                 n_batch: int = 2048, n_ubatch: int = 512,
                  flash_attn: Optional[bool] = None, offload_kqv: bool = True, kv: str = "full",
                  kv_budget: Union[int, str, None] = None, infllm: Optional[InfLLMConfig] = None,
                  host_budget: Union[int, str, None] = None, seed: Optional[int] = None) -> None:
@@ -257,6 +281,7 @@ class Model:
         params.n_ubatch = _check_int("n_ubatch", n_ubatch, 1, params.n_batch)
         params.n_threads = _check_int("n_threads", _default_threads() if n_threads is None else n_threads, 1, 1024)
         params.n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1, 1 << 16)
+        params.main_gpu = _check_int("main_gpu", main_gpu, 0, 1 << 16)
         if flash_attn is not None and not isinstance(flash_attn, bool):
             raise TypeError("flash_attn must be True, False or None")
         params.flash_attn = -1 if flash_attn is None else int(flash_attn)
@@ -298,8 +323,11 @@ class Model:
         self.host_budget = host
         self.path = path
         info = check_gguf(path)
-        kv_on_host = n_gpu_layers == 0 or not offload_kqv or _core.n_gpu_devices() == 0
+        params.rpc_servers = check_rpc_servers(rpc_servers)
+        n_devices = len(parse_rpc_servers(rpc_servers)) if rpc_servers else _core.n_gpu_devices()
+        kv_on_host = n_gpu_layers == 0 or not offload_kqv or n_devices == 0
         check_host_kv(info, params.n_ctx, kv=kv, kv_on_host=kv_on_host)
+        self.rpc_servers = params.rpc_servers or None
         self._session = _core.Session(params)
 
     # -- lifetime ----------------------------------------------------------------------

@@ -39,14 +39,17 @@ def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
     p.add_argument("-c", "--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    p.add_argument("-mg", "--main-gpu", type=int, default=0, help="the GPU that holds the model (default 0)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                   help="run the offloaded layers on llama.cpp rpc-server(s) instead of local GPUs")
     p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
     p.add_argument("--kv", choices=("full", "infllm"), default="full", help="KV cache type")
     g = p.add_argument_group("InfLLM cache (--kv infllm)")
     _add_infllm_args(g)
     g.add_argument("--kv-budget", default=None,
-                   help="device bytes for the cache, e.g. 256MiB (default: no bound, a block cache of --cache-blocks)")
+                   help="device bytes for the cache, e.g. 256MiB (default: no bound, every block on the device)")
     g.add_argument("--cache-blocks", type=int, default=None,
-                   help="device block-cache slots per layer without --kv-budget (default 4 x topk)")
+                   help="device block slots per layer without --kv-budget, at least --topk (default: every block)")
     g.add_argument("--host-budget", default=None, help="most host bytes the block store may reach, e.g. 8GiB")
     p.add_argument("--seed", type=int, default=None)
 
@@ -111,7 +114,8 @@ def _model_from_args(args, path: str) -> Model:
         infllm = _infllm_config(args, cache_blocks=args.cache_blocks)
         extra = dict(kv_budget=_size(args.kv_budget), host_budget=_size(args.host_budget))
     return Model(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 flash_attn=fa, kv=args.kv, infllm=infllm, seed=args.seed, **extra)
+                 main_gpu=args.main_gpu, rpc_servers=args.rpc, flash_attn=fa, kv=args.kv, infllm=infllm,
+                 seed=args.seed, **extra)
 
 
 def _size(text):

@@ -52,10 +52,10 @@ class InfLLMConfig:
     positions: ``"infllm"`` puts memory tokens at one fixed distance (``n_local``) from the
         query, which lets a model run past its trained context; ``"absolute"`` keeps true
         positions.
-    cache_blocks: device block-cache slots per layer (blocks that left the working set, kept
-        on the device so that picking them again needs no host transfer) when the model has
-        no ``kv_budget``; None means ``4 * topk``, 0 none. With a ``kv_budget`` the budget
-        decides it, and cache_blocks must stay None.
+    cache_blocks: device block slots per layer when the model has no ``kv_budget``: None
+        keeps every block on the device (resident); a smaller number (at least ``topk``)
+        keeps that many there and the rest in a host store, fetched when picked (offload).
+        With a ``kv_budget`` the budget decides it, and cache_blocks must stay None.
 
     A window (n_init + n_local) as long as the context or longer is allowed: no block ever
     leaves it, and the cache attends to every token as the stock cache does.

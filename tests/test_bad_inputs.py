@@ -116,7 +116,8 @@ CASES = [
     ("kv_budget-too-small", "model(kv='infllm', kv_budget='1KiB')", ("ValueError",), "minimum"),
     ("kv_budget-with-full", "model(kv_budget='1GiB')", ("ValueError",), "kv='infllm'"),
     ("host_budget-too-small", "model(kv='infllm', n_ctx=4096, host_budget=1000, "
-     "infllm=pi.InfLLMConfig(block_size=16, n_init=16, n_local=64, topk=2))", ("ValueError",), "host_budget"),
+     "infllm=pi.InfLLMConfig(block_size=16, n_init=16, n_local=64, topk=2, cache_blocks=2))", ("ValueError",),
+     "host_budget"),
     # InfLLMConfig
     ("block_size-0", "pi.InfLLMConfig(block_size=0)", ("ValueError",), "block_size"),
     ("topk-negative", "pi.InfLLMConfig(topk=-1)", ("ValueError",), "topk"),

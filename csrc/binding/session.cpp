@@ -17,6 +17,9 @@
 
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#ifdef PYLLAMA_INF_RPC
+#include "ggml-rpc.h"
+#endif
 
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -40,6 +43,8 @@ double seconds_since(clock_type::time_point t0) {
 struct session_params {
     std::string path;
     int32_t  n_gpu_layers = 0;
+    int32_t  main_gpu     = 0;
+    std::string rpc_servers;      // "host:port,..." (checked and greeted by pyllama_inf._devices)
     uint32_t n_ctx        = 4096;
     uint32_t n_batch      = 2048;
     uint32_t n_ubatch     = 512;
@@ -111,6 +116,10 @@ public:
 
     bool closed() const { return ctx == nullptr; }
 
+    // the devices a model may use, null-terminated: the RPC servers' devices when servers are
+    // given, else every GPU device of this build (what llama.cpp picks by itself, without RPC)
+    static std::vector<ggml_backend_dev_t> model_devices(const std::string & rpc_servers);
+
     std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
     py::bytes token_piece(llama_token token) const;
     py::bytes detokenize(const std::vector<llama_token> & tokens, bool remove_special) const;
@@ -152,6 +161,7 @@ private:
 
     llama_model_ptr   model;
     llama_context_ptr ctx;
+    std::vector<ggml_backend_dev_t> devices;   // the model's devices (null-terminated)
     llama_batch       batch{};
     bool              batch_owned = false;
 
@@ -196,6 +206,39 @@ private:
     void evaluate_from_empty(const std::vector<llama_token> & tokens, size_t chunk, size_t out_from, F && on_chunk);
 };
 
+std::vector<ggml_backend_dev_t> session::model_devices(const std::string & rpc_servers) {
+    std::vector<ggml_backend_dev_t> out;
+    if (!rpc_servers.empty()) {
+#ifdef PYLLAMA_INF_RPC
+        size_t start = 0;
+        while (start <= rpc_servers.size()) {
+            const size_t end = std::min(rpc_servers.find(',', start), rpc_servers.size());
+            const std::string endpoint = rpc_servers.substr(start, end - start);
+            ggml_backend_reg_t reg = ggml_backend_rpc_add_server(endpoint.c_str());
+            if (reg == nullptr) {
+                throw py::value_error("the RPC server at " + endpoint + " offers no device");
+            }
+            for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); ++i) {
+                out.push_back(ggml_backend_reg_dev_get(reg, i));
+            }
+            start = end + 1;
+        }
+#else
+        throw py::value_error("rpc_servers needs a build with llama.cpp's RPC backend (-DGGML_RPC=ON)");
+#endif
+    } else {
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            const auto type = ggml_backend_dev_type(dev);
+            if (type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) {
+                out.push_back(dev);
+            }
+        }
+    }
+    out.push_back(nullptr);
+    return out;
+}
+
 session::session(const session_params & params) {
     if (params.n_ctx == 0 || params.n_batch == 0 || params.n_ubatch == 0 || params.n_threads <= 0) {
         throw py::value_error("n_ctx, n_batch, n_ubatch and n_threads must be positive");
@@ -205,6 +248,13 @@ session::session(const session_params & params) {
 
         llama_model_params mparams = llama_model_default_params();
         mparams.n_gpu_layers = params.n_gpu_layers;
+        mparams.main_gpu     = params.main_gpu;
+        devices = model_devices(params.rpc_servers);
+        if (params.main_gpu < 0 || (params.main_gpu > 0 && (size_t) params.main_gpu >= devices.size() - 1)) {
+            throw py::value_error("main_gpu = " + std::to_string(params.main_gpu) + " is not one of the " +
+                                  std::to_string(devices.size() - 1) + " devices this model can use");
+        }
+        mparams.devices = devices.data();
         model.reset(llama_model_load_from_file(params.path.c_str(), mparams));
         if (!model) {
             throw model_load_error("llama.cpp could not load the model from '" + params.path +
@@ -232,7 +282,7 @@ session::session(const session_params & params) {
                 if (why.rfind("InfLLM cache:", 0) == 0) {
                     throw unsupported_error(why);
                 }
-                if (why.rfind("kv_budget", 0) == 0 || why.rfind("host_budget", 0) == 0) {
+                if (why.rfind("kv_budget", 0) == 0 || why.rfind("host_budget", 0) == 0 || why.rfind("cache_blocks", 0) == 0) {
                     throw py::value_error(why);
                 }
                 throw model_load_error("could not create an InfLLM context for '" + params.path + "': " + why);
@@ -535,11 +585,29 @@ void register_session(py::module_ & m) {
         }
         return n;
     }, "Number of GPU devices this build of llama.cpp can use (0 on a CPU-only build).");
+    m.def("gpu_devices", [] {
+        std::vector<std::pair<std::string, std::string>> out;
+        for (ggml_backend_dev_t dev : session::model_devices("")) {
+            if (dev != nullptr) {
+                out.emplace_back(ggml_backend_dev_name(dev), ggml_backend_dev_description(dev));
+            }
+        }
+        return out;
+    }, "(name, description) of each GPU device this build can use, in main_gpu order.");
+#ifdef PYLLAMA_INF_RPC
+    m.attr("RPC_AVAILABLE") = true;
+    m.attr("RPC_PROTO_MAJOR_VERSION") = RPC_PROTO_MAJOR_VERSION;
+#else
+    m.attr("RPC_AVAILABLE") = false;
+    m.attr("RPC_PROTO_MAJOR_VERSION") = -1;
+#endif
 
     py::class_<session_params>(m, "SessionParams", "Options for loading a model and creating its context.")
         .def(py::init<>())
         .def_readwrite("path",         &session_params::path)
         .def_readwrite("n_gpu_layers", &session_params::n_gpu_layers)
+        .def_readwrite("main_gpu",     &session_params::main_gpu)
+        .def_readwrite("rpc_servers",  &session_params::rpc_servers, "host:port,... (checked by pyllama_inf._devices)")
         .def_readwrite("offload_kqv", &session_params::offload_kqv)
         .def_readwrite("n_ctx",        &session_params::n_ctx)
         .def_readwrite("n_batch",      &session_params::n_batch)
@@ -573,6 +641,7 @@ void register_session(py::module_ & m) {
         .def_readonly("selections",      &llama_infllm_stats::selections)
         .def_readonly("n_ring",          &llama_infllm_stats::n_ring)
         .def_readonly("n_pool",          &llama_infllm_stats::n_pool)
+        .def_readonly("resident",        &llama_infllm_stats::resident)
         .def_readonly("work_bytes",      &llama_infllm_stats::work_bytes)
         .def_readonly("pool_bytes",      &llama_infllm_stats::pool_bytes)
         .def_readonly("repr_bytes",      &llama_infllm_stats::repr_bytes)
@@ -581,8 +650,9 @@ void register_session(py::module_ & m) {
         .def_readonly("host_bytes",      &llama_infllm_stats::host_bytes)
         .def_readonly("blocks_resident", &llama_infllm_stats::blocks_resident)
         .def_readonly("hits",            &llama_infllm_stats::hits)
-        .def_readonly("pool_hits",       &llama_infllm_stats::pool_hits)
         .def_readonly("misses",          &llama_infllm_stats::misses)
+        .def_readonly("ubatches",        &llama_infllm_stats::ubatches)
+        .def_readonly("callbacks",       &llama_infllm_stats::callbacks)
         .def_readonly("bytes_h2d",       &llama_infllm_stats::bytes_h2d)
         .def_readonly("bytes_d2h",       &llama_infllm_stats::bytes_d2h)
         .def_readonly("transfer_wait_s", &llama_infllm_stats::transfer_wait_s)

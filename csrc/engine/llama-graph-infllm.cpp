@@ -13,6 +13,19 @@
 // llm_graph_input_attn_infllm
 //
 
+// the graph shape of a ubatch: everything that changes the nodes of its graph
+struct infllm_shape_t {
+    uint32_t n_ring   = 0;       // ring cells attended
+    uint32_t n_sel    = 0;       // blocks selected (0 while there are none, or topk is 0)
+    bool     memory   = false;   // the window start is past 0: sinks and blocks are memory
+    uint32_t n_ev     = 0;       // blocks that leave the window in this ubatch
+    bool     ev_sinks = false;   // the sinks leave the window in this ubatch
+
+    infllm_shape_t() = default;
+    infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const llama_ubatch & ubatch);
+    bool operator==(const infllm_shape_t & o) const;
+};
+
 class llm_graph_input_attn_infllm : public llm_graph_input_attn_kv {
 public:
     llm_graph_input_attn_infllm(const llama_hparams & hparams, const llama_cparams & cparams,
@@ -22,14 +35,19 @@ public:
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override;
 
-    ggml_tensor * ring_idx    = nullptr; // I32 [n_tokens]            working-set row of each token (ring part)
-    ggml_tensor * sel_pos     = nullptr; // I32 [1]                   -(memory position): the selection query shift
-    ggml_tensor * kq_mask     = nullptr; // F16 [n_mem + n_ring, n_tokens]
-    ggml_tensor * blk_bias    = nullptr; // F32 [1, n_blocks]         0 for memory blocks, -inf otherwise
-    uint32_t n_ring = 0;       // ring cells attended
-    uint32_t n_sel  = 0;       // blocks selected (0 while there are none, or topk is 0)
-    bool     memory = false;   // the window start is past 0: sinks and blocks are memory
-    bool     evict  = false;   // blocks (or the sinks) leave the window in this ubatch
+    ggml_tensor * ring_idx  = nullptr; // I32 [n_tokens]       working-set row of each token (ring part)
+    ggml_tensor * kq_mask   = nullptr; // F16 [n_att, n_tokens] rows: selected blocks, sinks, ring cells
+    ggml_tensor * sel_pos   = nullptr; // I32 [1]              -(memory position): rotates a query to see memory
+    ggml_tensor * mem_pos   = nullptr; // I32 [max(n_sel*bs, n_init)] the memory position (key rotation)
+    ggml_tensor * blk_bias  = nullptr; // F32 [1, n_blocks]    0 for memory blocks, -inf otherwise
+    ggml_tensor * ev_cells  = nullptr; // I32 [n_ev*bs]        ring rows of the blocks leaving the window
+    ggml_tensor * ev_pos    = nullptr; // I32 [n_ev*bs]        their -positions (to rotate keys back to 0)
+    ggml_tensor * ev_dst    = nullptr; // I32 [n_ev*bs]        their rows in the pool (resident) or eviction buffer
+    ggml_tensor * ev_blk    = nullptr; // I32 [n_ev]           their block ids (representative-key rows)
+    ggml_tensor * sink_cells = nullptr; // I32 [n_init]        ring rows of the sinks, when they leave the window
+    ggml_tensor * sink_pos   = nullptr; // I32 [n_init]        their -positions
+
+    infllm_shape_t shape;
 
     // the memory context of the ubatch being computed: llama_decode frees it when it returns,
     // so can_reuse must not look at the previous one (it compares caches through `cache`)
@@ -42,32 +60,28 @@ static uint32_t infllm_n_mem(const llama_infllm_params & p, bool memory, uint32_
     return memory ? p.n_init + n_sel*p.block_size : 0;
 }
 
-// the graph shape of a ubatch: ring cells attended, whether there is memory, blocks selected
-struct infllm_shape {
-    uint32_t n_ring = 0;
-    uint32_t n_sel  = 0;
-    bool     memory = false;
-    bool     evict  = false;
-
-    infllm_shape(const llama_kv_cache_infllm_context * mctx, const llama_ubatch & ubatch) {
-        const llama_kv_cache_infllm * c = mctx->get_cache();
-        if (mctx->is_reserve() || ubatch.pos == nullptr) {
-            // the largest graph
-            n_ring = c->n_ring;
-            n_sel  = c->n_sel;
-            memory = true;
-            evict  = true;
-            return;
-        }
-        const llama_pos ls = c->window_start(ubatch.pos[0]);
-        n_ring = c->n_ring_used(ubatch.pos[0] + (llama_pos) ubatch.n_tokens);
-        memory = ls > 0;
-        n_sel  = memory ? c->n_selected(ls) : 0;
-        evict  = memory && c->needs_eviction(ls);
+infllm_shape_t::infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const llama_ubatch & ubatch) {
+    const llama_kv_cache_infllm * c = mctx->get_cache();
+    if (mctx->is_reserve() || ubatch.pos == nullptr) {
+        // the largest graph
+        n_ring   = c->n_ring;
+        n_sel    = c->n_sel;
+        memory   = true;
+        n_ev     = c->n_ev_max;
+        ev_sinks = c->params.n_init > 0;
+        return;
     }
+    const auto & plan = c->cur;
+    n_ring   = c->n_ring_used(ubatch.pos[0] + (llama_pos) ubatch.n_tokens);
+    memory   = plan.ls > 0;
+    n_sel    = memory ? c->n_selected(plan.ls) : 0;
+    n_ev     = plan.ev_b1 - plan.ev_b0;
+    ev_sinks = plan.ev_sinks;
+}
 
-    uint32_t n_mem(const llama_infllm_params & p) const { return infllm_n_mem(p, memory, n_sel); }
-};
+bool infllm_shape_t::operator==(const infllm_shape_t & o) const {
+    return n_ring == o.n_ring && n_sel == o.n_sel && memory == o.memory && n_ev == o.n_ev && ev_sinks == o.ev_sinks;
+}
 
 static const float NEG_INF = -INFINITY;
 
@@ -76,24 +90,27 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
     const auto & p = c->params;
     const uint32_t n_q    = ubatch->n_tokens;
     const uint32_t n_ring = c->n_ring;          // ring size (cell = pos % n_ring)
-    const uint32_t n_used = this->n_ring;       // cells attended
-    const uint32_t n_mem  = infllm_n_mem(p, this->memory, this->n_sel);
+    const uint32_t n_used = shape.n_ring;       // cells attended
+    const uint32_t n_mem  = infllm_n_mem(p, shape.memory, shape.n_sel);
     const uint32_t n_att  = n_mem + n_used;
-    const llama_pos p0    = ubatch->pos[0];
-    const llama_pos p_end = p0 + (llama_pos) n_q;   // exclusive
-    const llama_pos ls    = c->window_start(p0);
-    const uint32_t n_ev   = c->n_evicted(ls);
+    const llama_pos p_end = ubatch->pos[0] + (llama_pos) n_q;   // exclusive
+    const llama_pos ls    = c->cur.ls;
+    const llama_pos r     = llama_kv_cache_infllm::memory_position(ls);
 
     auto * ri = (int32_t *) ring_idx->data;
     for (uint32_t i = 0; i < n_q; ++i) {
-        ri[i] = (int32_t) (c->n_mem_max + ubatch->pos[i] % n_ring);   // the ring follows the slots and the sinks
+        ri[i] = (int32_t) (c->n_mem_max + ubatch->pos[i] % n_ring);   // the ring follows the memory rows
     }
-    if (sel_pos) {
-        *(int32_t *) sel_pos->data = -llama_kv_cache_infllm::memory_position(ls);
+    // an input that this ubatch's graph does not read is not allocated
+    auto used = [](const ggml_tensor * t) { return t != nullptr && t->data != nullptr; };
+    if (used(sel_pos)) {
+        *(int32_t *) sel_pos->data = -r;
+    }
+    if (used(mem_pos)) {
+        std::fill((int32_t *) mem_pos->data, (int32_t *) mem_pos->data + ggml_nelements(mem_pos), (int32_t) r);
     }
 
-    // memory rows: all attended (sinks and blocks are memory whenever they are in the graph);
-    // ring cell c holds the latest position < p_end congruent to c
+    // memory rows: all attended; ring cell c holds the latest position < p_end congruent to c
     auto * m = (ggml_fp16_t *) kq_mask->data;
     const ggml_fp16_t h_zero = ggml_fp32_to_fp16(0.0f);
     const ggml_fp16_t h_ninf = ggml_fp32_to_fp16(NEG_INF);
@@ -113,10 +130,23 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
         }
     }
 
-    if (blk_bias) {
+    if (used(blk_bias)) {
+        const uint32_t n_ev = c->n_evicted(ls);
         auto * bb = (float *) blk_bias->data;
         for (uint32_t b = 0; b < c->n_blocks; ++b) {
             bb[b] = b < n_ev ? 0.0f : NEG_INF;
+        }
+    }
+    if (used(ev_cells)) {
+        auto rows = [&](ggml_tensor * t) { return used(t) ? (int32_t *) t->data : nullptr; };
+        c->eviction_rows(rows(ev_cells), rows(ev_pos), rows(ev_dst), rows(ev_blk));
+    }
+    if (used(sink_cells)) {
+        for (uint32_t i = 0; i < p.n_init; ++i) {
+            ((int32_t *) sink_cells->data)[i] = (int32_t) (c->n_mem_max + i % n_ring);
+            if (used(sink_pos)) {   // only read to rotate the sinks' keys back to position 0
+                ((int32_t *) sink_pos->data)[i] = -(int32_t) i;
+            }
         }
     }
 }
@@ -126,10 +156,8 @@ bool llm_graph_input_attn_infllm::can_reuse(const llm_graph_params & params) {
     if (m == nullptr || m->get_cache() != cache || m->is_reserve()) {
         return false;
     }
-    const infllm_shape now(m, params.ubatch);
     mctx_infllm = m;
-    return ring_idx->ne[0] == params.ubatch.n_tokens && now.n_ring == n_ring && now.n_sel == n_sel &&
-           now.memory == memory && now.evict == evict;
+    return ring_idx->ne[0] == params.ubatch.n_tokens && infllm_shape_t(m, params.ubatch) == shape;
 }
 
 //
@@ -147,11 +175,8 @@ llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & 
     const int64_t n_q = g.n_tokens;
 
     auto inp = std::make_unique<llm_graph_input_attn_infllm>(g.hparams, g.cparams, mctx);
-    const infllm_shape shape(mctx, g.ubatch);
-    inp->n_ring = shape.n_ring;
-    inp->n_sel  = shape.n_sel;
-    inp->memory = shape.memory;
-    inp->evict  = shape.evict;
+    inp->shape = infllm_shape_t(mctx, g.ubatch);
+    const infllm_shape_t & shape = inp->shape;
 
     auto input = [&](ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
         ggml_tensor * t = ggml_new_tensor_2d(ctx0, type, ne0, ne1);
@@ -159,11 +184,28 @@ llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & 
         ggml_set_name(t, name);
         return t;
     };
+    const int64_t n_mem = infllm_n_mem(p, shape.memory, shape.n_sel);
     inp->ring_idx = input(GGML_TYPE_I32, n_q, 1, "infllm_ring_idx");
-    inp->kq_mask  = input(GGML_TYPE_F16, shape.n_mem(p) + shape.n_ring, n_q, "infllm_kq_mask");
-    if (inp->n_sel > 0) {
-        inp->sel_pos  = input(GGML_TYPE_I32, 1, 1, "infllm_sel_pos");
+    inp->kq_mask  = input(GGML_TYPE_F16, n_mem + shape.n_ring, n_q, "infllm_kq_mask");
+    if (!p.absolute && (shape.n_sel > 0 || shape.memory)) {
+        inp->sel_pos = input(GGML_TYPE_I32, 1, 1, "infllm_sel_pos");
+        // one position for every memory row: a prefix serves the blocks and the sinks
+        inp->mem_pos = input(GGML_TYPE_I32, std::max<int64_t>(1, std::max<int64_t>((int64_t) shape.n_sel*p.block_size, p.n_init)), 1,
+                             "infllm_mem_pos");
+    }
+    if (shape.n_sel > 0) {
         inp->blk_bias = input(GGML_TYPE_F32, 1, c->n_blocks, "infllm_blk_bias");
+    }
+    if (shape.n_ev > 0) {
+        const int64_t n_rows = (int64_t) shape.n_ev*p.block_size;
+        inp->ev_cells = input(GGML_TYPE_I32, n_rows, 1, "infllm_ev_cells");
+        inp->ev_pos   = input(GGML_TYPE_I32, n_rows, 1, "infllm_ev_pos");
+        inp->ev_dst   = input(GGML_TYPE_I32, n_rows, 1, "infllm_ev_dst");
+        inp->ev_blk   = input(GGML_TYPE_I32, shape.n_ev, 1, "infllm_ev_blk");
+    }
+    if (shape.ev_sinks) {
+        inp->sink_cells = input(GGML_TYPE_I32, p.n_init, 1, "infllm_sink_cells");
+        inp->sink_pos   = input(GGML_TYPE_I32, p.n_init, 1, "infllm_sink_pos");
     }
 
     return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
@@ -173,10 +215,32 @@ llm_graph_input_attn_infllm * llama_infllm_as_input(llm_graph_input_attn_kv * in
     return dynamic_cast<llm_graph_input_attn_infllm *>(inp);
 }
 
-// rotate rows of head vectors by `pos` (RoPE); x is [d, n_head, n], pos I32 [n]
+// rotate rows of head vectors by `pos` (RoPE with the model's parameters; x is [d, n_head, n],
+// pos I32 [n]). Only the rotation: the magnitude scale (attn_factor) is already in keys and
+// queries that the model rotated, so re-rotating them must not apply it again.
 static ggml_tensor * infllm_rope(const llm_graph_context & g, ggml_tensor * x, ggml_tensor * pos) {
     return ggml_rope_ext(g.ctx0, x, pos, nullptr, g.n_rot, g.rope_type, g.n_ctx_orig, g.freq_base, g.freq_scale,
-                         g.ext_factor, g.attn_factor, g.beta_fast, g.beta_slow);
+                         0.0f, 1.0f, g.beta_fast, g.beta_slow);
+}
+
+// a view of t that the graph computes after `deps`: an explicit edge, so that backends that
+// reorder independent nodes (Vulkan, Metal, CUDA graph optimisation) keep writes to t before
+// its readers, and reads of t before the writes that follow them. The view computes nothing.
+static ggml_tensor * infllm_after(ggml_context * ctx, ggml_tensor * t, std::initializer_list<ggml_tensor *> deps) {
+    ggml_tensor * v = ggml_view_4d(ctx, t, t->ne[0], t->ne[1], t->ne[2], t->ne[3], t->nb[1], t->nb[2], t->nb[3], 0);
+    int s = 1;
+    for (ggml_tensor * d : deps) {
+        if (d != nullptr) {
+            GGML_ASSERT(s < GGML_MAX_SRC);
+            v->src[s++] = d;
+        }
+    }
+    return v;
+}
+
+// rows [r0, r0 + n) of a 2d tensor as [d, n_head, n]
+static ggml_tensor * infllm_rows_3d(ggml_context * ctx, ggml_tensor * t, int64_t d, int64_t r0, int64_t n) {
+    return ggml_view_3d(ctx, t, d, t->ne[0]/d, n, ggml_row_size(t->type, d), t->nb[1], r0*t->nb[1]);
 }
 
 // the attention output projection, as the stock build_attn applies it
@@ -208,6 +272,7 @@ ggml_tensor * llama_infllm_build_attn(
     const llama_kv_cache_infllm * c = inp->mctx_infllm->get_cache();
     const auto & p = c->params;
     const auto & L = c->get_layer(il);
+    const infllm_shape_t & shape = inp->shape;
 
     const int64_t d_k    = k_cur->ne[0];
     const int64_t d_v    = v_cur->ne[0];
@@ -217,10 +282,12 @@ ggml_tensor * llama_infllm_build_attn(
     const int64_t row_k  = d_k*n_kv_h;
     const int64_t row_v  = d_v*n_kv_h;
     const int64_t bs     = p.block_size;
-    const int64_t n_sel  = inp->n_sel;
-    const int64_t n_mem  = infllm_n_mem(p, inp->memory, inp->n_sel);
+    const int64_t n_sel  = shape.n_sel;
+    const int64_t n_blk_rows = n_sel*bs;
+    const int64_t n_mem  = infllm_n_mem(p, shape.memory, shape.n_sel);
     const int64_t m0     = c->n_mem_max - n_mem;       // first working-set row attended: the last n_sel slots
-    const int64_t n_att  = n_mem + inp->n_ring;        // rows attended: slots, sinks, ring
+    const int64_t n_att  = n_mem + shape.n_ring;       // rows attended: blocks, sinks, ring
+    const bool    rotate = !p.absolute;                // memory keys are stored at position 0
 
     if (!ggml_is_contiguous(v_cur)) {
         v_cur = ggml_cont(ctx0, v_cur);
@@ -229,75 +296,166 @@ ggml_tensor * llama_infllm_build_attn(
     ggml_build_forward_expand(gf, v_cur);
     ggml_build_forward_expand(gf, k_cur);
 
-    //
-    // memory: top-k blocks by Σ q̄·repr. The scheduler stops at the evict node (when blocks
-    // left the window) and the cache moves them from the ring to the host store and writes
-    // their representative keys; then at the sync node, after the selection, the cache
-    // places the picked blocks into the working-set slots (only those not already there).
-    // Both come before this ubatch's ring writes, so the ring still holds every position
-    // the eviction reads. In "infllm" mode memory keys sit at one position just
-    // before the window: queries see them at distance p - ls + 1 (n_local + 1 .. n_local +
-    // block_size for a decode step).
-    //
-
     auto hand_over = [&](ggml_tensor * t, const char * prefix) {
         ggml_format_name(t, "%s%d", prefix, il);
         ggml_set_output(t);
         ggml_build_forward_expand(gf, t);
     };
-    // a tiny node to hang a hand-over on
-    auto marker = [&]() { return ggml_cont(ctx0, ggml_view_1d(ctx0, inp->ring_idx, 1, 0)); };
 
-    if (inp->evict) {
-        // the selection below reads the representative keys of the blocks evicted here
-        hand_over(marker(), llama_kv_cache_infllm::EVICT_NODE);
+    //
+    // eviction: the rows that leave the window are read from the ring before this ubatch's
+    // writes can reach them (explicit edges below), their keys rotated back to position 0, and
+    // stored: in the pool (resident) or the eviction buffer, which the cache copies to the host
+    // store at the evict node (offload). Their representative keys are written in-graph.
+    //
+
+    ggml_tensor * k_pool  = L.k_pool;    // the pool / sinks / repr as the readers must see them
+    ggml_tensor * v_pool  = L.v_pool;
+    ggml_tensor * k_sinks = L.k_sinks;
+    ggml_tensor * v_sinks = L.v_sinks;
+    ggml_tensor * repr    = L.repr;
+    ggml_tensor * k_read  = nullptr;     // the ring reads that must precede the ring writes
+    ggml_tensor * v_read  = nullptr;
+    ggml_tensor * ks_read = nullptr;
+    ggml_tensor * vs_read = nullptr;
+
+    if (shape.ev_sinks) {
+        ks_read = ggml_get_rows(ctx0, L.k_work, inp->sink_cells);                            // F32 [row_k, n_init]
+        vs_read = ggml_get_rows(ctx0, L.v_work, inp->sink_cells);
+        ggml_tensor * ks = ks_read;
+        if (rotate) {
+            ks = ggml_reshape_2d(ctx0, infllm_rope(g, ggml_reshape_3d(ctx0, ks, d_k, n_kv_h, p.n_init), inp->sink_pos),
+                                 row_k, p.n_init);
+        }
+        k_sinks = ggml_cpy(ctx0, ks, L.k_sinks);
+        v_sinks = ggml_cpy(ctx0, vs_read, L.v_sinks);
+        ggml_build_forward_expand(gf, k_sinks);   // stored whether or not this ubatch reads them
+        ggml_build_forward_expand(gf, v_sinks);
+    }
+    if (shape.n_ev > 0) {
+        const int64_t n_rows = shape.n_ev*bs;
+        k_read = ggml_get_rows(ctx0, L.k_work, inp->ev_cells);                               // F32 [row_k, n_rows]
+        v_read = ggml_get_rows(ctx0, L.v_work, inp->ev_cells);
+        ggml_tensor * k0 = ggml_reshape_2d(ctx0,
+                infllm_rope(g, ggml_reshape_3d(ctx0, k_read, d_k, n_kv_h, n_rows), inp->ev_pos), row_k, n_rows);
+        ggml_tensor * ks = rotate ? k0 : k_read;   // the stored form
+        if (c->resident) {
+            k_pool = ggml_set_rows(ctx0, L.k_pool, ks, inp->ev_dst);
+            v_pool = ggml_set_rows(ctx0, L.v_pool, v_read, inp->ev_dst);
+            ggml_build_forward_expand(gf, k_pool);
+            ggml_build_forward_expand(gf, v_pool);
+        } else {
+            ggml_tensor * ke = ggml_set_rows(ctx0, L.k_evict, ks, inp->ev_dst);
+            ggml_tensor * ve = ggml_set_rows(ctx0, L.v_evict, v_read, inp->ev_dst);
+            // the hand-over reads the buffers: a tiny node after both writes
+            hand_over(ggml_cont(ctx0, ggml_view_1d(ctx0, infllm_after(ctx0, inp->ev_blk, {ke, ve}), 1, 0)),
+                      llama_kv_cache_infllm::EVICT_NODE);
+        }
+        // representative keys: the sum of each block's keys at position 0
+        if (c->n_sel > 0) {
+            ggml_tensor * sums = ggml_cont(ctx0, ggml_permute(ctx0, ggml_reshape_3d(ctx0, k0, row_k, bs, shape.n_ev), 1, 0, 2, 3));
+            sums = ggml_reshape_2d(ctx0, ggml_sum_rows(ctx0, sums), row_k, shape.n_ev);     // [row_k, n_ev]
+            repr = ggml_set_rows(ctx0, L.repr, sums, inp->ev_blk);
+            ggml_build_forward_expand(gf, repr);
+        }
     }
 
-    ggml_tensor * sync = nullptr;
+    //
+    // this ubatch's keys and values into the ring, after the eviction read the cells
+    //
+
+    ggml_tensor * k_ring = ggml_set_rows(ctx0, infllm_after(ctx0, L.k_work, {k_read, ks_read}),
+                                         ggml_reshape_2d(ctx0, k_cur, row_k, n_q), inp->ring_idx);
+    ggml_tensor * v_ring = ggml_set_rows(ctx0, infllm_after(ctx0, L.v_work, {v_read, vs_read}),
+                                         ggml_reshape_2d(ctx0, v_cur, row_v, n_q), inp->ring_idx);
+
+    //
+    // selection: top-k blocks by sum over heads of q̄·repr, q̄ the chunk's summed query seen from the
+    // memory position. Resident: the ids are the pool slots. Offload: the scheduler stops at the
+    // selection, the cache makes the picked blocks resident and writes their slots to L.sel.
+    //
+
+    ggml_tensor * slots = nullptr;
     if (n_sel > 0) {
         const int64_t n_gqa = n_head/n_kv_h;
-        // the chunk's query summed over its tokens, rotated as seen from the memory position
-        // (rotation is linear), summed over the heads sharing a KV head: [row_k]
         ggml_tensor * qs = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 1, 2, 0, 3));    // [n_q, d_k, n_head]
         qs = ggml_reshape_3d(ctx0, ggml_sum_rows(ctx0, qs), d_k, n_head, 1);
-        qs = infllm_rope(g, qs, inp->sel_pos);
+        if (rotate) {
+            qs = infllm_rope(g, qs, inp->sel_pos);
+        }
         qs = ggml_reshape_3d(ctx0, qs, d_k, n_gqa, n_kv_h);
         qs = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, qs, 1, 0, 2, 3)));  // [1, d_k, n_kv_h]
         qs = ggml_reshape_2d(ctx0, qs, row_k, 1);
 
-        ggml_tensor * scores = ggml_add(ctx0, ggml_mul_mat(ctx0, L.repr, qs),
+        ggml_tensor * scores = ggml_add(ctx0, ggml_mul_mat(ctx0, repr, qs),
                                         ggml_reshape_2d(ctx0, inp->blk_bias, c->n_blocks, 1));  // [n_blocks, 1]
         // n_sel <= memory blocks, so every pick has a finite score
-        sync = ggml_top_k(ctx0, scores, n_sel);
-    } else if (inp->memory) {
-        sync = marker();   // sinks only
+        ggml_tensor * ids = ggml_top_k(ctx0, scores, n_sel);
+        if (c->resident) {
+            slots = ids;
+        } else {
+            hand_over(ids, llama_kv_cache_infllm::SYNC_NODE);
+            // the cache wrote the pool and L.sel at the hand-over: read both after it
+            slots  = ggml_view_1d(ctx0, infllm_after(ctx0, L.sel, {ids}), n_sel, 0);
+            k_pool = infllm_after(ctx0, L.k_pool, {ids});
+            v_pool = infllm_after(ctx0, L.v_pool, {ids});
+        }
     }
-    if (sync != nullptr) {
-        hand_over(sync, llama_kv_cache_infllm::SYNC_NODE);
-    }
 
     //
-    // this ubatch's keys and values into the ring
+    // attention: one softmax over the picked blocks, the sinks and the window
     //
 
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.k_work, ggml_reshape_2d(ctx0, k_cur, row_k, n_q), inp->ring_idx));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, L.v_work, ggml_reshape_2d(ctx0, v_cur, row_v, n_q), inp->ring_idx));
-
-    //
-    // one flash attention over memory + ring (one softmax, nothing counted twice)
-    //
-
-    ggml_tensor * k = ggml_view_3d(ctx0, L.k_work, d_k, n_kv_h, n_att,
-            ggml_row_size(L.k_work->type, d_k), L.k_work->nb[1], m0*L.k_work->nb[1]);   // [d_k, n_kv_h, n_att]
-    ggml_tensor * v = ggml_view_3d(ctx0, L.v_work, d_v, n_kv_h, n_att,
-            ggml_row_size(L.v_work->type, d_v), L.v_work->nb[1], m0*L.v_work->nb[1]);
     if (n_q == 1 && c->one_query_kernel && ggml_is_contiguous(q_cur) && q_cur->type == GGML_TYPE_F32) {
-        // decode step on the CPU backend: our single-query kernel (llama-infllm-attn-cpu.h)
+        // decode step on the CPU backend: our single-query kernel reads the blocks in the pool
+        // and the sinks where they are stored, with the query rotated to see them, and the ring
+        // (llama-infllm-attn-cpu.h); nothing is gathered or rotated per step
+        llama_infllm_attn_memory mem = {};
+        if (shape.memory) {
+            // the query as it sees memory keys stored at position 0
+            ggml_tensor * q_mem = rotate ? infllm_rope(g, q_cur, inp->sel_pos) : q_cur;
+            mem = {q_mem, k_pool, v_pool, slots, k_sinks, v_sinks, (int) bs};
+        }
         const int n_chunks = (int) std::clamp<int64_t>(n_att/256, 1, 32);
-        ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_cur, k, v, inp->kq_mask, kq_scale, n_chunks);
+        ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_cur,
+                infllm_rows_3d(ctx0, k_ring, d_k, c->n_mem_max, shape.n_ring),
+                infllm_rows_3d(ctx0, v_ring, d_v, c->n_mem_max, shape.n_ring),
+                shape.memory ? &mem : nullptr, inp->kq_mask, kq_scale, n_chunks);
         return infllm_output(g, out, wo, wo_b, wo_s, il);
     }
-    ggml_tensor * q = ggml_permute(ctx0, q_cur, 0, 2, 1, 3);                                  // [d_k, n_q, n_head]
+
+    // flash attention needs its rows in one tensor: the picked blocks and the sinks are copied
+    // into the working rows before the ring, keys rotated to the memory position
+    ggml_tensor * k_mem_w[2] = {nullptr, nullptr};
+    ggml_tensor * v_mem_w[2] = {nullptr, nullptr};
+    if (n_sel > 0) {
+        const int64_t n_slots = L.k_pool->ne[1]/bs;
+        ggml_tensor * kb = ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, k_pool, row_k*bs, n_slots), slots);   // F32 [row_k*bs, n_sel]
+        ggml_tensor * vb = ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, v_pool, row_v*bs, n_slots), slots);
+        kb = ggml_reshape_3d(ctx0, kb, d_k, n_kv_h, n_blk_rows);
+        if (rotate) {
+            kb = infllm_rope(g, kb, ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
+        }
+        k_mem_w[0] = ggml_cpy(ctx0, kb, infllm_rows_3d(ctx0, L.k_work, d_k, m0, n_blk_rows));
+        v_mem_w[0] = ggml_cpy(ctx0, ggml_reshape_3d(ctx0, vb, d_v, n_kv_h, n_blk_rows),
+                              infllm_rows_3d(ctx0, L.v_work, d_v, m0, n_blk_rows));
+    }
+    if (shape.memory && p.n_init > 0) {
+        const int64_t r0 = c->n_mem_max - p.n_init;
+        ggml_tensor * ks = infllm_rows_3d(ctx0, k_sinks, d_k, 0, p.n_init);
+        if (rotate) {
+            ks = infllm_rope(g, ks, ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
+        }
+        k_mem_w[1] = ggml_cpy(ctx0, ks, infllm_rows_3d(ctx0, L.k_work, d_k, r0, p.n_init));
+        v_mem_w[1] = ggml_cpy(ctx0, infllm_rows_3d(ctx0, v_sinks, d_v, 0, p.n_init),
+                              infllm_rows_3d(ctx0, L.v_work, d_v, r0, p.n_init));
+    }
+    ggml_tensor * k_att = infllm_after(ctx0, k_ring, {k_mem_w[0], k_mem_w[1]});
+    ggml_tensor * v_att = infllm_after(ctx0, v_ring, {v_mem_w[0], v_mem_w[1]});
+
+    ggml_tensor * k = infllm_rows_3d(ctx0, k_att, d_k, m0, n_att);    // [d_k, n_kv_h, n_att]
+    ggml_tensor * v = infllm_rows_3d(ctx0, v_att, d_v, m0, n_att);
+    ggml_tensor * q = ggml_permute(ctx0, q_cur, 0, 2, 1, 3);          // [d_k, n_q, n_head]
     ggml_tensor * fa = ggml_flash_attn_ext(ctx0, q, ggml_permute(ctx0, k, 0, 2, 1, 3), ggml_permute(ctx0, v, 0, 2, 1, 3),
                                            inp->kq_mask, kq_scale, 0.0f, 0.0f);
     ggml_prec_set_acc(fa, GGML_PREC_F32);

@@ -363,28 +363,82 @@ inline void prefetch_rows(const rows & k, const rows & v, int64_t c0, int64_t c1
     }
 }
 
+// the src slots of the partials op (see llama_infllm_attn_one_query_cpu)
+// SRC_Q: F32 [d_k, n_head, 1 or 2], the scaled query for the ring, then the one for memory
+enum { SRC_Q, SRC_K, SRC_V, SRC_MASK, SRC_K_POOL, SRC_V_POOL, SRC_SLOTS, SRC_K_SINKS, SRC_V_SINKS, SRC_COUNT };
+
+// the cells of the attended rows (mask columns) come in segments that are contiguous in one
+// tensor: each picked block in the pool, the sinks, the ring
+struct segment {
+    rows          k, v;
+    const float * q;        // the query that sees this segment
+    int64_t       start;    // first cell
+    int64_t       end;      // one past the last cell
+    int64_t       row0;     // row of the first cell in k / v
+};
+
+struct cell_map {
+    int64_t n_blk = 0, bs = 1, n_init = 0, n_mem = 0, n_kv = 0;
+    const int32_t * slots = nullptr;
+    rows k_pool{}, v_pool{}, k_sinks{}, v_sinks{}, k_ring{}, v_ring{};
+    const float * q = nullptr;
+    const float * q_mem = nullptr;
+
+    segment at(int64_t c) const {
+        if (c < n_blk*bs) {
+            const int64_t b = c/bs;
+            return {k_pool, v_pool, q_mem, b*bs, (b + 1)*bs, (int64_t) slots[b]*bs};
+        }
+        if (c < n_mem) {
+            return {k_sinks, v_sinks, q_mem, n_blk*bs, n_mem, 0};
+        }
+        return {k_ring, v_ring, q, n_mem, n_kv, 0};
+    }
+};
+
+// rows of a 2d [d*n_kv_head, n] tensor (pool, sinks)
+rows rows_2d(const ggml_tensor * t, int64_t d, int64_t n_kv_h, int n_gqa) {
+    return {t ? (const char *) t->data : nullptr, t ? t->nb[1] : 0, (size_t) d*sizeof(ggml_fp16_t), n_kv_h, n_gqa, d};
+}
+
 // dst: F32 [2 + d_v, n_head, n_chunks]: per (query head, chunk) the running max, the sum of
-// exponentials and the unnormalised output. src: q (scaled) [d_k, n_head], k, v, mask.
+// exponentials and the unnormalised output. src: see the SRC_ enum; userdata: the block size.
 // A work unit is one chunk of cells for every head: the cells' rows are read in order, tile
 // after tile, and each tile's rows serve all KV heads while they are in the cache.
-void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * q    = dst->src[0];
-    const ggml_tensor * k    = dst->src[1];
-    const ggml_tensor * v    = dst->src[2];
-    const ggml_tensor * mask = dst->src[3];
+void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const ggml_tensor * q    = dst->src[SRC_Q];
+    const ggml_tensor * k    = dst->src[SRC_K];
+    const ggml_tensor * v    = dst->src[SRC_V];
+    const ggml_tensor * mask = dst->src[SRC_MASK];
 
     const int64_t d_k      = k->ne[0];
     const int64_t d_v      = v->ne[0];
     const int64_t n_kv_h   = k->ne[1];
-    const int64_t n_kv     = k->ne[2];
     const int64_t n_head   = q->ne[1];
     const int     n_gqa    = (int) (n_head/n_kv_h);
     const int64_t n_chunks = dst->ne[2];
     const kernels kern     = pick_kernels(d_k, d_v, n_gqa);
     const ggml_fp16_t * mrow = (const ggml_fp16_t *) mask->data;
-    // a cell's row holds every KV head: nb[2] bytes from one cell to the next
-    const rows krows = {(const char *) k->data, k->nb[2], k->nb[1], n_kv_h, n_gqa, d_k};
-    const rows vrows = {(const char *) v->data, v->nb[2], v->nb[1], n_kv_h, n_gqa, d_v};
+
+    cell_map map;
+    map.n_kv   = mask->ne[0];
+    map.q      = (const float *) q->data;
+    // a ring cell's row holds every KV head: nb[2] bytes from one cell to the next
+    map.k_ring = {(const char *) k->data, k->nb[2], k->nb[1], n_kv_h, n_gqa, d_k};
+    map.v_ring = {(const char *) v->data, v->nb[2], v->nb[1], n_kv_h, n_gqa, d_v};
+    if (q->ne[2] > 1) {
+        map.q_mem   = (const float *) ((const char *) q->data + q->nb[2]);
+        map.bs      = (int64_t) (intptr_t) userdata;
+        map.slots   = dst->src[SRC_SLOTS] ? (const int32_t *) dst->src[SRC_SLOTS]->data : nullptr;
+        map.n_blk   = dst->src[SRC_SLOTS] ? dst->src[SRC_SLOTS]->ne[0] : 0;
+        map.n_init  = dst->src[SRC_K_SINKS] ? dst->src[SRC_K_SINKS]->ne[1] : 0;
+        map.k_pool  = rows_2d(dst->src[SRC_K_POOL], d_k, n_kv_h, n_gqa);
+        map.v_pool  = rows_2d(dst->src[SRC_V_POOL], d_v, n_kv_h, n_gqa);
+        map.k_sinks = rows_2d(dst->src[SRC_K_SINKS], d_k, n_kv_h, n_gqa);
+        map.v_sinks = rows_2d(dst->src[SRC_V_SINKS], d_v, n_kv_h, n_gqa);
+    }
+    map.n_mem = map.n_blk*map.bs + map.n_init;
+    const int64_t n_kv = map.n_kv;
 
     std::vector<float>   s((size_t) n_head*TILE);
     std::vector<float>   acc((size_t) n_head*d_v);
@@ -404,25 +458,33 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
         std::fill(l.begin(), l.end(), 0.0f);
         std::fill(acc.begin(), acc.end(), 0.0f);
 
-        for (int64_t t = c0; t < c1; t += TILE) {
-            const int64_t t1 = std::min(t + TILE, c1);
+        segment seg = map.at(c0);
+        for (int64_t t = c0; t < c1; ) {
+            if (t >= seg.end) {
+                seg = map.at(t);
+            }
+            // a tile never crosses a segment: its rows are in one tensor and see one query
+            const int64_t t1 = std::min({t + TILE, c1, seg.end});
             const int64_t pf = t + PREFETCH_TILES*TILE;
             if (pf < c_end) {
-                prefetch_rows(krows, vrows, pf, std::min(pf + TILE, c_end));
+                const segment ps = pf < seg.end ? seg : map.at(pf);
+                const int64_t r0 = ps.row0 + (pf - ps.start);
+                prefetch_rows(ps.k, ps.v, r0, r0 + std::min<int64_t>(TILE, std::min(ps.end, c_end) - pf));
             }
             int n = 0;
             for (int64_t c = t; c < t1; ++c) {
                 const float mv = mask_value(mrow[c]);
                 if (mv != -INFINITY) {
-                    cells[n] = c;
+                    cells[n] = seg.row0 + (c - seg.start);
                     bias[n]  = mv;
                     ++n;
                 }
             }
+            t = t1;
             if (n == 0) {
                 continue;
             }
-            kern.scores((const float *) q->data, krows, cells.data(), n, s.data());
+            kern.scores(seg.q, seg.k, cells.data(), n, s.data());
             for (int64_t hq = 0; hq < n_head; ++hq) {
                 const float r = kern.softmax(s.data() + hq*TILE, bias.data(), n, m[hq], l[hq]);
                 if (r != 1.0f) {
@@ -431,7 +493,7 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void *) {
                     }
                 }
             }
-            kern.accum(s.data(), vrows, cells.data(), n, acc.data());
+            kern.accum(s.data(), seg.v, cells.data(), n, acc.data());
         }
         for (int64_t hq = 0; hq < n_head; ++hq) {
             float * out = (float *) ((char *) dst->data + hq*dst->nb[1] + ch*dst->nb[2]);
@@ -487,17 +549,36 @@ bool llama_infllm_attn_cpu_vectorized() {
 }
 
 ggml_tensor * llama_infllm_attn_one_query_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                                              ggml_tensor * mask, float kq_scale, int n_chunks) {
+                                              const llama_infllm_attn_memory * mem, ggml_tensor * mask,
+                                              float kq_scale, int n_chunks) {
     GGML_ASSERT(q->type == GGML_TYPE_F32 && q->ne[2] == 1 && ggml_is_contiguous(q));
     GGML_ASSERT(k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 && mask->type == GGML_TYPE_F16);
-    GGML_ASSERT(k->ne[0] == q->ne[0] && q->ne[1] % k->ne[1] == 0 && v->ne[1] == k->ne[1]);
-    GGML_ASSERT(k->ne[2] == v->ne[2] && mask->ne[0] == k->ne[2]);
+    GGML_ASSERT(k->ne[0] == q->ne[0] && q->ne[1] % k->ne[1] == 0 && v->ne[1] == k->ne[1] && k->ne[2] == v->ne[2]);
     GGML_ASSERT(k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type));
 
-    ggml_tensor * qs = ggml_scale(ctx, q, kq_scale);
-    ggml_tensor * args[] = {qs, k, v, mask};
-    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0] + 2, q->ne[1], n_chunks, 1, args, 4,
-                                        partials_op, GGML_N_TASKS_MAX, nullptr);
+    ggml_tensor * args[SRC_COUNT] = {nullptr, k, v, mask};
+    int64_t n_mem = 0;
+    void * userdata = nullptr;
+    if (mem != nullptr) {
+        GGML_ASSERT(mem->q->type == GGML_TYPE_F32 && ggml_are_same_shape(mem->q, q) && mem->block_size > 0);
+        for (const ggml_tensor * t : {mem->k_pool, mem->v_pool, mem->k_sinks, mem->v_sinks}) {
+            GGML_ASSERT(t == nullptr || (t->type == GGML_TYPE_F16 && t->nb[0] == ggml_type_size(t->type)));
+        }
+        GGML_ASSERT(mem->slots == nullptr || mem->slots->type == GGML_TYPE_I32);
+        q = ggml_concat(ctx, q, ggml_cont(ctx, mem->q), 2);   // [d_k, n_head, 2]
+        args[SRC_K_POOL]  = mem->k_pool;
+        args[SRC_V_POOL]  = mem->v_pool;
+        args[SRC_SLOTS]   = mem->slots;
+        args[SRC_K_SINKS] = mem->k_sinks;
+        args[SRC_V_SINKS] = mem->v_sinks;
+        n_mem = (mem->slots ? mem->slots->ne[0]*mem->block_size : 0) + (mem->k_sinks ? mem->k_sinks->ne[1] : 0);
+        userdata = (void *) (intptr_t) mem->block_size;
+    }
+    GGML_ASSERT(mask->ne[0] == n_mem + k->ne[2]);
+    args[SRC_Q] = ggml_scale(ctx, q, kq_scale);
+
+    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0] + 2, q->ne[1], n_chunks, 1, args, SRC_COUNT,
+                                        partials_op, GGML_N_TASKS_MAX, userdata);
     ggml_tensor * margs[] = {part};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0]*q->ne[1], 1, 1, 1, margs, 1, merge_op, GGML_N_TASKS_MAX, nullptr);
 }

@@ -7,11 +7,26 @@
 
 #include "ggml.h"
 
-// q: F32 [d_k, n_head, 1] (contiguous); k, v: F16 views [d, n_kv_head, n_kv] with contiguous rows
-// per head; mask: F16 [n_kv, >= 1] (row 0 is used; -inf = not attended). Returns F32
-// [d_v*n_head, 1]. n_chunks: cell chunks per KV head (work units for the threads).
+// The memory the query attends besides the ring, read where the cache stores it: blocks in the
+// pool (rows slot*block_size ..) and the sinks, with a query rotated to see them.
+struct llama_infllm_attn_memory {
+    ggml_tensor * q;         // F32 [d_k, n_head, 1] contiguous: the query as it sees memory keys
+    ggml_tensor * k_pool;    // F16 [n_embd_k_gqa, n_slots*block_size] contiguous rows
+    ggml_tensor * v_pool;    // F16 [n_embd_v_gqa, n_slots*block_size]
+    ggml_tensor * slots;     // I32 [n_blk]: the pool slots of the attended blocks, in mask order; or nullptr
+    ggml_tensor * k_sinks;   // F16 [n_embd_k_gqa, n_init], or nullptr
+    ggml_tensor * v_sinks;   // F16 [n_embd_v_gqa, n_init]
+    int           block_size;
+};
+
+// q: F32 [d_k, n_head, 1] (contiguous); k, v: F16 views [d, n_kv_head, n_ring] of the ring with
+// contiguous rows per head; mem: the memory (or nullptr); mask: F16 [n_mem + n_ring, >= 1]
+// (row 0 is used; -inf = not attended) whose columns are the attended blocks (block_size each),
+// the sinks, then the ring cells. Returns F32 [d_v*n_head, 1]. n_chunks: cell chunks (work
+// units for the threads).
 ggml_tensor * llama_infllm_attn_one_query_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                                              ggml_tensor * mask, float kq_scale, int n_chunks);
+                                              const llama_infllm_attn_memory * mem, ggml_tensor * mask,
+                                              float kq_scale, int n_chunks);
 
 // whether this build and CPU can run the kernel's vector path (otherwise a scalar one runs)
 bool llama_infllm_attn_cpu_vectorized();

@@ -74,12 +74,6 @@ uint8_t * llama_infllm_host_store::v(uint32_t il, int32_t blk) {
     return at(il, blk, true);
 }
 
-void llama_infllm_host_store::clear() {
-    chunks.clear();
-    sinks.reset();
-    n_bytes = 0;
-}
-
 //
 // llama_infllm_transfer
 //

@@ -4,7 +4,8 @@
 //
 // llama_infllm_host_store: evicted blocks (and the sinks) of every layer in host buffers —
 // the device's host buffer type (pinned memory on CUDA) where it has one, CPU buffers
-// otherwise — allocated in chunks of blocks as the context grows.
+// otherwise — allocated in chunks of blocks as the context grows and kept for the next
+// sequence (pinning memory is slow, and the next sequence likely grows as far).
 //
 // llama_infllm_transfer: a second backend instance of the device holding the cache (its own
 // stream on CUDA); host<->device copies are issued on it with the *_async calls and waited
@@ -34,9 +35,6 @@ public:
     // K / V rows of block `blk` of layer `il` (blk = -1: the n_init sinks); reserved before
     uint8_t * k(uint32_t il, int32_t blk);
     uint8_t * v(uint32_t il, int32_t blk);
-
-    // drop every chunk (a new sequence)
-    void clear();
 
     size_t bytes() const { return n_bytes; }
 

@@ -120,14 +120,7 @@ llama_memory_i * llama_infllm_create_memory(const llama_model & model, const lla
     }
     try {
         infllm_check_supported(model, params, cparams, g_pending->params);
-        const llama_kv_cache_infllm::rope_params rope = {
-            /*.n_rot       =*/ (int) model.hparams.n_rot(),
-            /*.neox        =*/ model.hparams.rope_type == LLAMA_ROPE_TYPE_NEOX,
-            /*.freq_base   =*/ cparams.rope_freq_base,
-            /*.freq_scale  =*/ cparams.rope_freq_scale,
-            /*.attn_factor =*/ cparams.yarn_attn_factor,
-        };
-        auto * cache = new llama_kv_cache_infllm(model, g_pending->params, rope, params.type_k, params.type_v,
+        auto * cache = new llama_kv_cache_infllm(model, g_pending->params, params.type_k, params.type_v,
                                                  cparams.offload_kqv, cparams.n_ctx_seq, cparams.n_ubatch);
         cache->set_router(std::unique_ptr<void, void (*)(void *)>(g_pending->router,
                 [](void * p) { delete (infllm_router *) p; }));
@@ -213,6 +206,6 @@ int32_t llama_infllm_get_stats(const llama_context * ctx, llama_infllm_stats * s
 }
 
 uint32_t llama_infllm_extra_graph_nodes(const llama_memory_i * memory, uint32_t n_layer) {
-    // about 30 nodes per layer (writes, representative keys, selection, attention)
-    return dynamic_cast<const llama_kv_cache_infllm *>(memory) != nullptr ? 64u*n_layer : 0u;
+    // about 70 nodes per layer (eviction, ring writes, selection, gathering the memory rows, attention)
+    return dynamic_cast<const llama_kv_cache_infllm *>(memory) != nullptr ? 128u*n_layer : 0u;
 }

@@ -20,32 +20,34 @@ extern "C" {
         uint32_t topk;         // memory blocks selected per query chunk and layer
         uint32_t repr_topk;    // representative keys per block (the block mean is used for now)
         bool     absolute;     // false: memory at one position just before the window; true: true positions
-        size_t   budget_bytes; // device bytes the cache may use (0: no bound, the block cache has cache_blocks slots)
-        int32_t  cache_blocks; // device block-cache slots per layer without a budget (-1: 4*topk); -1 with a budget
+        size_t   budget_bytes; // device bytes the cache may use (0: no bound; cache_blocks sizes the pool)
+        int32_t  cache_blocks; // device block slots per layer without a budget (-1: every block); -1 with a budget
         size_t   host_budget;  // host bytes the block store may reach (0: unbounded)
     };
 
     struct llama_infllm_stats {
         int64_t  n_tokens;        // tokens in the cache
-        int64_t  n_blocks;        // complete blocks that left the local window (in the host store)
+        int64_t  n_blocks;        // complete blocks that left the local window
         int64_t  n_blocks_max;    // block capacity
         int64_t  selections;      // (ubatch, layer) top-k selections made over at least one block
         uint32_t n_ring;          // local ring cells per layer
-        uint32_t n_pool;          // device block-cache slots per layer
-        size_t   work_bytes;      // device bytes of the working sets (selected-block slots, sinks, ring)
-        size_t   pool_bytes;      // device bytes of the block cache
+        uint32_t n_pool;          // device block slots per layer
+        bool     resident;        // every block has a device slot (no host store, no transfers)
+        size_t   work_bytes;      // device bytes of the working sets (attention rows, sinks, eviction buffers)
+        size_t   pool_bytes;      // device bytes of the block pool
         size_t   repr_bytes;      // device bytes of the representative keys
         size_t   device_bytes;    // work + pool + repr
         size_t   budget_bytes;    // the budget (0: none)
-        size_t   host_bytes;      // bytes of the host block store (grows in chunks)
-        int64_t  blocks_resident; // (layer, block) pairs on the device: working sets + block cache
-        int64_t  hits;            // (layer, picked block) pairs found on the device
-        int64_t  pool_hits;       // ... of which copied from the block cache into the working set
-        int64_t  misses;          // (layer, picked block) pairs fetched from the host store
-        int64_t  bytes_h2d;       // host -> device bytes (blocks, sinks, representative keys)
+        size_t   host_bytes;      // bytes of the host block store (grows in chunks, kept across sequences)
+        int64_t  blocks_resident; // (layer, block) pairs in the device pool
+        int64_t  hits;            // (layer, picked block) pairs found in the pool (offload)
+        int64_t  misses;          // (layer, picked block) pairs fetched from the host store (offload)
+        int64_t  ubatches;        // ubatches computed
+        int64_t  callbacks;       // hand-overs to the cache during a compute (each synchronises the device)
+        int64_t  bytes_h2d;       // host -> device bytes (blocks, their slots)
         int64_t  bytes_d2h;       // device -> host bytes (evicted blocks)
         double   transfer_wait_s; // time spent waiting for transfers
-        double   host_work_s;     // time in the cache's callbacks during graph compute (eviction, placing picked blocks; includes the waits)
+        double   host_work_s;     // time in the cache's callbacks during graph compute (includes the waits)
     };
 
     LLAMA_API struct llama_infllm_params llama_infllm_default_params(void);

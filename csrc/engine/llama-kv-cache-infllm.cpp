@@ -27,30 +27,44 @@ static uint32_t infllm_n_sel(const llama_infllm_params & p, uint32_t n_ctx) {
     return std::min(p.topk, infllm_n_blocks(p, n_ctx));
 }
 
+// blocks that can leave the window in one ubatch: the window start moves by at most the
+// ubatch's tokens rounded up to a block, plus one block for alignment
+static uint32_t infllm_n_ev_max(const llama_infllm_params & p, uint32_t n_ctx, uint32_t n_ubatch) {
+    return std::min(infllm_n_blocks(p, n_ctx), n_ubatch/p.block_size + 1);
+}
+
 static constexpr size_t INFLLM_TENSOR_PAD = 512;   // allocation padding allowance per tensor
-// without a byte budget, the block cache holds this many times topk blocks per layer
-static constexpr uint32_t INFLLM_DEFAULT_POOL_PER_TOPK = 4;
 
 llama_kv_cache_infllm::footprint llama_kv_cache_infllm::device_footprint(
         const llama_model & model, const llama_infllm_params & p, ggml_type type_k, ggml_type type_v,
-        uint32_t n_ctx, uint32_t n_ubatch) {
+        uint32_t n_ctx, uint32_t n_ubatch, bool resident) {
     const auto & hp = model.hparams;
     const uint32_t n_blocks  = infllm_n_blocks(p, n_ctx);
-    const uint32_t n_mem_max = p.n_init + infllm_n_sel(p, n_ctx)*p.block_size;
+    const uint32_t n_sel     = infllm_n_sel(p, n_ctx);
+    const uint32_t n_mem_max = p.n_init + n_sel*p.block_size;
     const uint32_t n_ring    = infllm_ring_size(p, n_ctx, n_ubatch);
+    const uint32_t n_ev_rows = infllm_n_ev_max(p, n_ctx, n_ubatch)*p.block_size;
     footprint f = {0, 0};
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         const size_t k_row = ggml_row_size(type_k, hp.n_embd_k_gqa(il));
         const size_t v_row = ggml_row_size(type_v, hp.n_embd_v_gqa(il));
-        f.fixed += (k_row + v_row)*(n_mem_max + n_ring) + ggml_row_size(GGML_TYPE_F32, hp.n_embd_k_gqa(il))*std::max(n_blocks, 1u);
-        f.fixed += 5*INFLLM_TENSOR_PAD;
+        f.fixed += (k_row + v_row)*(n_mem_max + n_ring + p.n_init);
+        f.fixed += ggml_row_size(GGML_TYPE_F32, hp.n_embd_k_gqa(il))*std::max(n_blocks, 1u);
+        f.fixed += 6*INFLLM_TENSOR_PAD;
+        if (!resident) {
+            f.fixed += (k_row + v_row)*std::max(n_ev_rows, 1u) + sizeof(int32_t)*std::max(n_sel, 1u) + 3*INFLLM_TENSOR_PAD;
+        }
         f.per_block += (k_row + v_row)*p.block_size;
     }
     return f;
 }
 
+static std::string infllm_mib(size_t bytes) {
+    return std::to_string((bytes + (1u << 20) - 1) >> 20) + "MiB";
+}
+
 llama_kv_cache_infllm::llama_kv_cache_infllm(
-        const llama_model & model, const llama_infllm_params & params, const rope_params & rope,
+        const llama_model & model, const llama_infllm_params & params,
         ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
     params(params),
     hparams(model.hparams),
@@ -60,23 +74,36 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     n_sel(infllm_n_sel(params, n_ctx)),
     n_mem_max(n_sel*params.block_size + params.n_init),
     n_ubatch(n_ubatch),
-    rope(rope) {
-    // the byte budget: everything but the block cache is fixed; the rest buys cache slots
-    const footprint fp = device_footprint(model, params, type_k, type_v, n_ctx, n_ubatch);
+    n_ev_max(infllm_n_ev_max(params, n_ctx, n_ubatch)) {
+    // the pool: every block (resident) when the budget allows it, else as many as fit (offload),
+    // at least the blocks of one selection
     if (params.budget_bytes > 0) {
-        if (params.budget_bytes < fp.fixed) {
+        const footprint fr = device_footprint(model, params, type_k, type_v, n_ctx, n_ubatch, true);
+        const footprint fo = device_footprint(model, params, type_k, type_v, n_ctx, n_ubatch, false);
+        const size_t all     = fr.fixed + (size_t) n_blocks*fr.per_block;
+        const size_t minimum = std::min(all, fo.fixed + (size_t) n_sel*fo.per_block);
+        if (params.budget_bytes >= all) {
+            resident = true;
+            n_pool   = n_blocks;
+        } else if (params.budget_bytes < minimum) {
             throw std::invalid_argument("kv_budget of " + std::to_string(params.budget_bytes) +
-                " bytes is below the minimum of " + std::to_string(fp.fixed) + " bytes ('" +
-                std::to_string((fp.fixed + (1u << 20) - 1) >> 20) + "MiB' is enough) that this model and config need on the device "
-                "(local window, sinks, selected-block slots and representative keys for n_ctx = " +
-                std::to_string(n_ctx) + ")");
+                " bytes is below the minimum of " + std::to_string(minimum) + " bytes ('" + infllm_mib(minimum) +
+                "' is enough) that this model and config need on the device (local window, sinks, the blocks of one "
+                "selection, eviction buffers and representative keys for n_ctx = " + std::to_string(n_ctx) + ")");
+        } else {
+            resident = false;
+            n_pool   = (uint32_t) std::min<size_t>(n_blocks, (params.budget_bytes - fo.fixed)/fo.per_block);
         }
-        n_pool = (uint32_t) std::min<size_t>(n_blocks - n_sel, (params.budget_bytes - fp.fixed)/fp.per_block);
+    } else if (params.cache_blocks >= 0 && (uint32_t) params.cache_blocks < n_blocks) {
+        if ((uint32_t) params.cache_blocks < n_sel) {
+            throw std::invalid_argument("cache_blocks = " + std::to_string(params.cache_blocks) +
+                " is below the blocks of one selection (topk = " + std::to_string(n_sel) + "): the device must hold them");
+        }
+        resident = false;
+        n_pool   = (uint32_t) params.cache_blocks;
     } else {
-        // no budget: cache_blocks slots, by default INFLLM_DEFAULT_POOL_PER_TOPK x topk
-        const uint32_t want = params.cache_blocks >= 0 ? (uint32_t) params.cache_blocks
-                                                       : INFLLM_DEFAULT_POOL_PER_TOPK*params.topk;
-        n_pool = std::min<uint32_t>(n_blocks - n_sel, want);
+        resident = true;
+        n_pool   = n_blocks;
     }
 
     ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
@@ -90,12 +117,11 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
 
     {
         const char * env = std::getenv("PYLLAMA_INF_ATTN");
-        one_query_kernel = buft == ggml_backend_cpu_buffer_type() && type_k == GGML_TYPE_F16 &&
-                           type_v == GGML_TYPE_F16 && !(env && std::strcmp(env, "ggml") == 0);
+        one_query_kernel = buft == ggml_backend_cpu_buffer_type() && type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && !(env && std::strcmp(env, "ggml") == 0);
     }
 
     ggml_init_params ip = {
-        /*.mem_size   =*/ size_t(5u*hparams.n_layer()*ggml_tensor_overhead()),
+        /*.mem_size   =*/ size_t(10u*hparams.n_layer()*ggml_tensor_overhead()),
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };
@@ -105,27 +131,37 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     }
     ctx_tensors.reset(ctx);
 
+    const uint32_t bs = params.block_size;
     std::vector<size_t> k_rows, v_rows;
     for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
         const uint32_t n_embd_k = hparams.n_embd_k_gqa(il);
         const uint32_t n_embd_v = hparams.n_embd_v_gqa(il);
+        auto tensor = [&](ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
+            ggml_tensor * t = ggml_new_tensor_2d(ctx, type, ne0, ne1);
+            ggml_format_name(t, "infllm_%s_l%d", name, il);
+            return t;
+        };
 
         layer l = {};
         l.il     = il;
-        l.k_work = ggml_new_tensor_2d(ctx, type_k, n_embd_k, n_mem_max + n_ring);
-        l.v_work = ggml_new_tensor_2d(ctx, type_v, n_embd_v, n_mem_max + n_ring);
-        l.repr   = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd_k, std::max(n_blocks, 1u));
-        ggml_format_name(l.k_work, "infllm_k_work_l%d", il);
-        ggml_format_name(l.v_work, "infllm_v_work_l%d", il);
-        ggml_format_name(l.repr,   "infllm_repr_l%d",   il);
-        if (n_pool > 0) {
-            l.k_pool = ggml_new_tensor_2d(ctx, type_k, n_embd_k, n_pool*params.block_size);
-            l.v_pool = ggml_new_tensor_2d(ctx, type_v, n_embd_v, n_pool*params.block_size);
-            ggml_format_name(l.k_pool, "infllm_k_pool_l%d", il);
-            ggml_format_name(l.v_pool, "infllm_v_pool_l%d", il);
-            pool_bytes += ggml_nbytes(l.k_pool) + ggml_nbytes(l.v_pool);
+        l.k_work = tensor(type_k, n_embd_k, n_mem_max + n_ring, "k_work");
+        l.v_work = tensor(type_v, n_embd_v, n_mem_max + n_ring, "v_work");
+        l.k_pool = tensor(type_k, n_embd_k, std::max(n_pool, 1u)*bs, "k_pool");
+        l.v_pool = tensor(type_v, n_embd_v, std::max(n_pool, 1u)*bs, "v_pool");
+        l.repr   = tensor(GGML_TYPE_F32, n_embd_k, std::max(n_blocks, 1u), "repr");
+        if (params.n_init > 0) {
+            l.k_sinks = tensor(type_k, n_embd_k, params.n_init, "k_sinks");
+            l.v_sinks = tensor(type_v, n_embd_v, params.n_init, "v_sinks");
         }
-        work_bytes += ggml_nbytes(l.k_work) + ggml_nbytes(l.v_work);
+        if (!resident) {
+            l.sel     = tensor(GGML_TYPE_I32, std::max(n_sel, 1u), 1, "sel");
+            l.k_evict = tensor(type_k, n_embd_k, std::max(n_ev_max*bs, 1u), "k_evict");
+            l.v_evict = tensor(type_v, n_embd_v, std::max(n_ev_max*bs, 1u), "v_evict");
+        }
+        work_bytes += ggml_nbytes(l.k_work) + ggml_nbytes(l.v_work) +
+                      (l.k_sinks ? ggml_nbytes(l.k_sinks) + ggml_nbytes(l.v_sinks) : 0) +
+                      (l.sel ? ggml_nbytes(l.sel) + ggml_nbytes(l.k_evict) + ggml_nbytes(l.v_evict) : 0);
+        pool_bytes += ggml_nbytes(l.k_pool) + ggml_nbytes(l.v_pool);
         repr_bytes += ggml_nbytes(l.repr);
         k_rows.push_back(l.k_work->nb[1]);
         v_rows.push_back(l.v_work->nb[1]);
@@ -144,31 +180,31 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     ggml_backend_buffer_clear(buf, 0);
     buf_device.reset(buf);
 
-    // the host tier: the device's host buffer type (pinned memory) where it has one
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-    ggml_backend_buffer_type_t host_buft = dev ? ggml_backend_dev_host_buffer_type(dev) : nullptr;
-    if (host_buft == nullptr) {
-        host_buft = ggml_backend_cpu_buffer_type();
+    std::string host_desc = "none (every block on the device)";
+    if (!resident) {
+        // the host tier: the device's host buffer type (pinned memory) where it has one
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        ggml_backend_buffer_type_t host_buft = dev ? ggml_backend_dev_host_buffer_type(dev) : nullptr;
+        if (host_buft == nullptr) {
+            host_buft = ggml_backend_cpu_buffer_type();
+        }
+        store = std::make_unique<llama_infllm_host_store>(host_buft, k_rows, v_rows, 0u, bs, 32u);
+        if (params.host_budget > 0 && store->bytes_for(n_blocks) > params.host_budget) {
+            throw std::invalid_argument("host_budget of " + std::to_string(params.host_budget) +
+                " bytes is too small: the host block store needs up to " + std::to_string(store->bytes_for(n_blocks)) +
+                " bytes for n_ctx = " + std::to_string(n_ctx));
+        }
+        xfer = std::make_unique<llama_infllm_transfer>(dev ? dev : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
+        host_desc = std::string(ggml_backend_buft_name(host_buft)) + " via " + xfer->name();
     }
-    store = std::make_unique<llama_infllm_host_store>(host_buft, k_rows, v_rows, params.n_init, params.block_size, 32u);
-    if (params.host_budget > 0 && store->bytes_for(n_blocks) > params.host_budget) {
-        throw std::invalid_argument("host_budget of " + std::to_string(params.host_budget) +
-            " bytes is too small: the host block store needs up to " + std::to_string(store->bytes_for(n_blocks)) +
-            " bytes for n_ctx = " + std::to_string(n_ctx));
-    }
-    xfer = std::make_unique<llama_infllm_transfer>(dev ? dev : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
 
     states.resize(layers.size());
-    for (auto & st : states) {
-        st.work.assign(n_sel, slot{});
-        st.pool.assign(n_pool, slot{});
-    }
-    staging.resize((size_t) n_mem_max*k_row_bytes);
+    clear(true);
 
-    LLAMA_LOG_INFO("%s: %10s InfLLM cache: %7.2f MiB (working sets %.2f, block cache %u slots %.2f, repr %.2f), host store %s via %s\n",
+    LLAMA_LOG_INFO("%s: %10s InfLLM cache: %7.2f MiB (working sets %.2f, pool %u blocks %.2f, repr %.2f), %s, host store %s\n",
             __func__, ggml_backend_buffer_name(buf), ggml_backend_buffer_get_size(buf)/1024.0/1024.0,
             work_bytes/1024.0/1024.0, n_pool, pool_bytes/1024.0/1024.0, repr_bytes/1024.0/1024.0,
-            ggml_backend_buft_name(host_buft), xfer->name());
+            resident ? "resident" : "offload", host_desc.c_str());
     LLAMA_LOG_INFO("%s: n_ctx = %u, ring = %u cells, blocks = %u x %u, select %u, n_init = %u, n_local = %u, positions = %s\n",
             __func__, n_ctx, n_ring, n_blocks, params.block_size, n_sel, params.n_init, params.n_local,
             params.absolute ? "absolute" : "infllm");
@@ -245,184 +281,71 @@ llama_memory_context_ptr llama_kv_cache_infllm::init_update(llama_context * lctx
 }
 
 void llama_kv_cache_infllm::clear(bool data) {
-    n_tokens = 0;
-    cur_ls   = 0;
+    if (xfer) {
+        xfer->wait();   // nothing may still be copying into the store
+    }
+    d2h_pending  = false;
+    n_tokens     = 0;
+    n_stored     = 0;
+    sinks_stored = false;
+    cur          = {};
     // representative keys are written whole when a block is evicted and unevicted blocks are
     // never selected, so neither they nor the (masked) stale cells need zeroing
     for (auto & st : states) {
-        std::fill(st.work.begin(), st.work.end(), slot{});
-        std::fill(st.pool.begin(), st.pool.end(), slot{});
-        st.n_stored     = 0;
-        st.sinks_stored = false;
-        st.sinks_placed = false;
+        st.slot_blk.assign(resident ? 0 : n_pool, -1);
+        st.slot_used.assign(resident ? 0 : n_pool, 0);
+        st.blk_slot.assign(resident ? 0 : n_blocks, -1);
+        st.sel_slots.clear();
     }
-    store->clear();
+    // the host store keeps its (pinned) buffers for the next sequence
     GGML_UNUSED(data);
 }
 
-// RoPE as ggml's CPU kernel computes it (no YaRN, no frequency factors: both are refused):
-// cos/sin of each rotated pair for position `pos`
-static void rope_table(const llama_kv_cache_infllm::rope_params & rope, float pos, float * cs) {
-    const float theta_scale = powf(rope.freq_base, -2.0f/rope.n_rot);
-    float theta = pos;
-    for (int i0 = 0; i0 < rope.n_rot; i0 += 2) {
-        const float t = rope.freq_scale*theta;
-        cs[i0]     = cosf(t)*rope.attn_factor;
-        cs[i0 + 1] = sinf(t)*rope.attn_factor;
-        theta *= theta_scale;
+void llama_kv_cache_infllm::begin_ubatch(llama_pos p0, uint32_t n_q) {
+    if (d2h_pending) {
+        xfer->wait();   // this ubatch rewrites the eviction buffers
+        d2h_pending = false;
     }
+    cur.ls = window_start(p0);
+    const uint32_t n_ev = n_evicted(cur.ls);
+    cur.ev_sinks = cur.ls > 0 && params.n_init > 0 && !sinks_stored;
+    cur.ev_b0    = std::min(n_stored, n_ev);
+    cur.ev_b1    = n_ev;
+    GGML_ASSERT(cur.ev_b1 - cur.ev_b0 <= n_ev_max);   // positions only append
+    if (store && cur.ev_b1 > cur.ev_b0) {
+        store->reserve(cur.ev_b1);   // host memory before the compute, not in its callbacks
+    }
+    n_stored      = n_ev;
+    sinks_stored |= cur.ev_sinks;
+    if (n_ev > 0 && n_sel > 0) {
+        selections += hparams.n_layer();
+    }
+    n_tokens = (uint32_t) (p0 + (llama_pos) n_q);
+    ++n_ubatches;
 }
 
-// rotate n_heads head vectors of width d in place; cs: rope_table of the position
-static void rotate_heads(float * x, int64_t n_heads, int64_t d, int n_rot, bool neox, const float * cs) {
-    const int off = neox ? n_rot/2 : 1;
-    for (int64_t h = 0; h < n_heads; ++h, x += d) {
-        for (int i0 = 0; i0 < n_rot; i0 += 2) {
-            const int ic = neox ? i0/2 : i0;
-            const float c = cs[i0], s = cs[i0 + 1];
-            const float x0 = x[ic], x1 = x[ic + off];
-            x[ic]       = x0*c - x1*s;
-            x[ic + off] = x0*s + x1*c;
-        }
-    }
-}
-
-// rotate K rows (each row: the KV heads of one token) from src to dst (may be equal), by one
-// table per row or one for all; f16 rows are converted in bulk and rotated in f32
-static void rotate_rows(ggml_type type, const void * src, void * dst, int64_t n_rows, int64_t row_elems, int64_t d,
-                        const llama_kv_cache_infllm::rope_params & rope, const float * cs, bool table_per_row,
-                        std::vector<float> & scratch) {
-    const int64_t n = n_rows*row_elems;
-    float * x = nullptr;
-    if (type == GGML_TYPE_F16) {
-        scratch.resize(n);
-        x = scratch.data();
-        ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, x, n);
-    } else {
-        x = (float *) dst;
-        if (src != dst) {
-            std::memcpy(dst, src, n*sizeof(float));
-        }
-    }
-    for (int64_t r = 0; r < n_rows; ++r) {
-        rotate_heads(x + r*row_elems, row_elems/d, d, rope.n_rot, rope.neox, cs + (table_per_row ? r*rope.n_rot : 0));
-    }
-    if (type == GGML_TYPE_F16) {
-        ggml_fp32_to_fp16_row(x, (ggml_fp16_t *) dst, n);
-    }
-}
-
-void llama_kv_cache_infllm::evict(const layer & l, layer_state & st, uint32_t n_ev) {
+void llama_kv_cache_infllm::eviction_rows(int32_t * cells, int32_t * neg_pos, int32_t * dst, int32_t * blk) const {
     const uint32_t bs = params.block_size;
-    const int64_t row_k = l.k_work->ne[0];
-    const int64_t d = hparams.n_embd_head_k(l.il);
-
-    // queue reads of positions [pos, pos + n) from the ring (cell = pos % n_ring)
-    auto read_ring = [&](llama_pos pos, uint32_t n, uint8_t * k_dst, uint8_t * v_dst) {
-        for (uint32_t i = 0; i < n; ) {
-            const uint32_t cell = (uint32_t) ((pos + (llama_pos) i) % n_ring);
-            const uint32_t run  = std::min(n - i, n_ring - cell);
-            xfer->get(l.k_work, k_dst + (size_t) i*k_row_bytes, (size_t) (n_mem_max + cell)*k_row_bytes, (size_t) run*k_row_bytes);
-            xfer->get(l.v_work, v_dst + (size_t) i*v_row_bytes, (size_t) (n_mem_max + cell)*v_row_bytes, (size_t) run*v_row_bytes);
-            i += run;
+    for (uint32_t b = cur.ev_b0; b < cur.ev_b1; ++b) {
+        const uint32_t j = b - cur.ev_b0;
+        if (blk) {
+            blk[j] = (int32_t) b;
         }
-    };
-    // keys as the ring holds them (true positions) -> position 0, in place
-    auto unrotate = [&](llama_pos pos, uint32_t n, uint8_t * k) {
-        rope_cache.resize((size_t) n*rope.n_rot);
-        for (uint32_t i = 0; i < n; ++i) {
-            rope_table(rope, -(float) (pos + (llama_pos) i), rope_cache.data() + (size_t) i*rope.n_rot);
-        }
-        rotate_rows(l.k_work->type, k, k, n, row_k, d, rope, rope_cache.data(), true, rot_scratch);
-    };
-
-    if (params.n_init > 0 && !st.sinks_stored) {
-        store->reserve(0);
-        read_ring(0, params.n_init, store->k(l.il, -1), store->v(l.il, -1));
-        xfer->wait();
-        if (!params.absolute) {
-            unrotate(0, params.n_init, store->k(l.il, -1));
-        }
-        st.sinks_stored = true;
-    }
-    if (n_ev <= st.n_stored) {
-        return;
-    }
-    store->reserve(n_ev);
-    const uint32_t b0 = st.n_stored;
-    for (uint32_t b = b0; b < n_ev; ++b) {
-        read_ring((llama_pos) (params.n_init + b*bs), bs, store->k(l.il, (int32_t) b), store->v(l.il, (int32_t) b));
-    }
-    xfer->wait();
-
-    // representative keys: the sum of the block's keys at position 0
-    repr_row.assign((size_t) (n_ev - b0)*row_k, 0.0f);
-    std::vector<uint8_t> raw;
-    for (uint32_t b = b0; b < n_ev; ++b) {
-        uint8_t * k = store->k(l.il, (int32_t) b);
-        if (params.absolute) {
-            // stored as the ring holds them; un-rotate a copy for the sum
-            raw.assign(k, k + (size_t) bs*k_row_bytes);
-            k = raw.data();
-        }
-        unrotate((llama_pos) (params.n_init + b*bs), bs, k);
-        const float * x = (const float *) k;
-        if (l.k_work->type == GGML_TYPE_F16) {
-            rot_scratch.resize((size_t) bs*row_k);
-            ggml_fp16_to_fp32_row((const ggml_fp16_t *) k, rot_scratch.data(), (int64_t) bs*row_k);
-            x = rot_scratch.data();
-        }
-        float * sum = repr_row.data() + (size_t) (b - b0)*row_k;
         for (uint32_t i = 0; i < bs; ++i) {
-            for (int64_t j = 0; j < row_k; ++j) {
-                sum[j] += x[(size_t) i*row_k + j];
+            const llama_pos pos = (llama_pos) (params.n_init + b*bs + i);
+            const uint32_t  r   = j*bs + i;
+            if (cells) {
+                cells[r] = (int32_t) (n_mem_max + pos % n_ring);
+            }
+            if (neg_pos) {
+                neg_pos[r] = -pos;
+            }
+            if (dst) {
+                // the pool row of the block (resident), else the row of the eviction buffer
+                dst[r] = (int32_t) ((resident ? b : j)*bs + i);
             }
         }
     }
-    xfer->set(l.repr, repr_row.data(), (size_t) b0*l.repr->nb[1], (size_t) (n_ev - b0)*l.repr->nb[1]);
-    xfer->wait();
-    st.n_stored = n_ev;
-}
-
-void llama_kv_cache_infllm::fetch(const layer & l, int32_t blk, uint32_t row, llama_pos ref) {
-    const uint32_t n = blk < 0 ? params.n_init : params.block_size;
-    const uint8_t * k = store->k(l.il, blk);
-    if (!params.absolute) {
-        // raw keys (position 0) -> position ref, staged at the row's place until the wait
-        uint8_t * dst = staging.data() + (size_t) row*k_row_bytes;
-        rope_cache.resize(rope.n_rot);
-        rope_table(rope, (float) ref, rope_cache.data());
-        rotate_rows(l.k_work->type, k, dst, n, l.k_work->ne[0], hparams.n_embd_head_k(l.il), rope, rope_cache.data(), false,
-                    rot_scratch);
-        k = dst;
-    }
-    xfer->set(l.k_work, k, (size_t) row*k_row_bytes, (size_t) n*k_row_bytes);
-    xfer->set(l.v_work, store->v(l.il, blk), (size_t) row*v_row_bytes, (size_t) n*v_row_bytes);
-}
-
-void llama_kv_cache_infllm::copy_block(const layer & l, uint32_t work_slot, uint32_t pool_slot, bool to_pool) {
-    const int64_t bs = params.block_size;
-    ggml_init_params ip = { 4*ggml_tensor_overhead(), nullptr, true };
-    ggml_context_ptr ctx(ggml_init(ip));
-    auto view = [&](ggml_tensor * t, int64_t first_row) {
-        ggml_tensor * v = ggml_view_2d(ctx.get(), t, t->ne[0], bs, t->nb[1], (size_t) first_row*t->nb[1]);
-        ggml_backend_view_init(v);   // buffer + data of the view
-        return v;
-    };
-    ggml_tensor * kw = view(l.k_work, (int64_t) work_slot*bs);
-    ggml_tensor * vw = view(l.v_work, (int64_t) work_slot*bs);
-    ggml_tensor * kp = view(l.k_pool, (int64_t) pool_slot*bs);
-    ggml_tensor * vp = view(l.v_pool, (int64_t) pool_slot*bs);
-    ggml_backend_tensor_copy(to_pool ? kw : kp, to_pool ? kp : kw);
-    ggml_backend_tensor_copy(to_pool ? vw : vp, to_pool ? vp : vw);
-}
-
-bool llama_kv_cache_infllm::needs_eviction(llama_pos ls) const {
-    if (ls <= 0 || states.empty()) {
-        return false;
-    }
-    const layer_state & st = states[0];   // all layers move together, one ubatch at a time
-    return n_evicted(ls) > st.n_stored || (params.n_init > 0 && !st.sinks_stored);
 }
 
 namespace {
@@ -435,101 +358,78 @@ struct scope_timer {
 }
 
 void llama_kv_cache_infllm::on_evict(int32_t il) {
+    GGML_ASSERT(!resident);
     scope_timer t{host_work_s};
-    evict(get_layer(il), states.at(map_layer_ids.at(il)), n_evicted(cur_ls));
+    ++n_callbacks;
+    const layer & l = get_layer(il);
+    const size_t bs = params.block_size;
+    for (uint32_t b = cur.ev_b0; b < cur.ev_b1; ++b) {
+        const size_t j = b - cur.ev_b0;
+        xfer->get(l.k_evict, store->k(l.il, (int32_t) b), j*bs*k_row_bytes, bs*k_row_bytes);
+        xfer->get(l.v_evict, store->v(l.il, (int32_t) b), j*bs*v_row_bytes, bs*v_row_bytes);
+    }
+    d2h_pending = true;   // waited for when a miss needs the store, or by the next ubatch
 }
 
 void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
+    GGML_ASSERT(!resident);
+    scope_timer timer{host_work_s};
+    ++n_callbacks;
     const layer & l = get_layer(il);
     layer_state & st = states.at(map_layer_ids.at(il));
-    const uint32_t bs = params.block_size;
-    const llama_pos ref = params.absolute ? 0 : memory_position(cur_ls);
+    const size_t bs = params.block_size;
     const int64_t stamp = ++n_sync;
-    scope_timer timer{host_work_s};
 
-    // normally done at the evict node already (the selection needed the representative keys)
-    evict(l, st, n_evicted(cur_ls));
+    const uint32_t n = (uint32_t) ggml_nelements(sel);
+    GGML_ASSERT(n <= n_sel && n <= n_pool);
+    std::vector<int32_t> ids(n), slots(n, -1);
+    ggml_backend_tensor_get(sel, ids.data(), 0, n*sizeof(int32_t));
 
-    if (params.n_init > 0 && (!st.sinks_placed || st.sinks_ref != ref)) {
-        fetch(l, -1, n_sel*bs, ref);
-        st.sinks_placed = true;
-        st.sinks_ref    = ref;
+    // hits first, so that no picked block is chosen as a victim
+    for (uint32_t i = 0; i < n; ++i) {
+        GGML_ASSERT(ids[i] >= 0 && (uint32_t) ids[i] < n_stored);
+        const int32_t s = st.blk_slot[ids[i]];
+        if (s >= 0) {
+            slots[i] = s;
+            st.slot_used[s] = stamp;
+            ++blk_hits;
+        }
     }
-
-    if (sel != nullptr) {
-        const uint32_t n = (uint32_t) ggml_nelements(sel);
-        GGML_ASSERT(n <= n_sel);
-        std::vector<int32_t> ids(n);
-        ggml_backend_tensor_get(sel, ids.data(), 0, n*sizeof(int32_t));
-
-        // the slots in use are the last n (the attended rows end at the sinks)
-        const uint32_t first = n_sel - n;
-        std::vector<bool> keep(n_sel, false);
-        std::vector<int32_t> missing;
-        for (const int32_t b : ids) {
-            GGML_ASSERT(b >= 0 && (uint32_t) b < st.n_stored);
-            bool hit = false;
-            for (uint32_t j = first; j < n_sel && !hit; ++j) {
-                if (!keep[j] && st.work[j].blk == b && st.work[j].ref == ref) {
-                    keep[j] = hit = true;
-                    st.work[j].used = stamp;
-                }
+    for (uint32_t i = 0; i < n; ++i) {
+        if (slots[i] >= 0) {
+            continue;
+        }
+        // an empty slot, else the least recently used one that this selection does not want
+        int32_t v = -1;
+        for (uint32_t s = 0; s < n_pool; ++s) {
+            if (st.slot_blk[s] < 0) {
+                v = (int32_t) s;
+                break;
             }
-            if (hit) {
-                ++blk_hits;
-            } else {
-                missing.push_back(b);
+            if (st.slot_used[s] != stamp && (v < 0 || st.slot_used[s] < st.slot_used[v])) {
+                v = (int32_t) s;
             }
         }
-        auto pool_find = [&](int32_t b) -> int32_t {
-            for (uint32_t p = 0; p < n_pool; ++p) {
-                if (st.pool[p].blk == b && st.pool[p].ref == ref) {
-                    return (int32_t) p;
-                }
-            }
-            return -1;
-        };
-        uint32_t j = first;
-        for (const int32_t b : missing) {
-            while (keep[j]) {
-                ++j;
-            }
-            const int32_t from = pool_find(b);
-            // the slot's block (when still valid) moves to the device block cache: unless it
-            // is there already, into an empty or stale slot, else the least recently used
-            slot & w = st.work[j];
-            if (n_pool > 0 && w.blk >= 0 && w.ref == ref && pool_find(w.blk) < 0) {
-                int32_t to = -1;
-                for (uint32_t p = 0; p < n_pool; ++p) {
-                    if ((int32_t) p == from) {
-                        continue;
-                    }
-                    const slot & c = st.pool[p];
-                    if (c.blk < 0 || c.ref != ref) {
-                        to = (int32_t) p;
-                        break;
-                    }
-                    if (to < 0 || c.used < st.pool[to].used) {
-                        to = (int32_t) p;
-                    }
-                }
-                if (to >= 0) {
-                    copy_block(l, j, (uint32_t) to, true);
-                    st.pool[to] = w;
-                }
-            }
-            if (from >= 0) {
-                copy_block(l, j, (uint32_t) from, false);
-                st.pool[from].used = stamp;
-                ++blk_hits;
-                ++pool_hits;
-            } else {
-                fetch(l, b, j*bs, ref);
-                ++blk_misses;
-            }
-            w = slot{b, ref, stamp};
-            keep[j] = true;
+        GGML_ASSERT(v >= 0);
+        if (st.slot_blk[v] >= 0) {
+            st.blk_slot[st.slot_blk[v]] = -1;
         }
+        if (d2h_pending) {
+            xfer->wait();   // the block may be one evicted in this ubatch
+            d2h_pending = false;
+        }
+        const int32_t b = ids[i];
+        xfer->set(l.k_pool, store->k(l.il, b), (size_t) v*bs*k_row_bytes, bs*k_row_bytes);
+        xfer->set(l.v_pool, store->v(l.il, b), (size_t) v*bs*v_row_bytes, bs*v_row_bytes);
+        st.slot_blk[v]  = b;
+        st.slot_used[v] = stamp;
+        st.blk_slot[b]  = v;
+        slots[i] = v;
+        ++blk_misses;
+    }
+    if (slots != st.sel_slots) {
+        xfer->set(l.sel, slots.data(), 0, n*sizeof(int32_t));
+        st.sel_slots = slots;
     }
     xfer->wait();
 }
@@ -594,34 +494,37 @@ void llama_kv_cache_infllm::state_read(llama_io_read_i &, llama_seq_id, llama_st
 }
 
 void llama_kv_cache_infllm::get_stats(llama_infllm_stats & s) const {
-    const llama_pos ref = params.absolute ? 0 : memory_position(cur_ls);
-    int64_t resident = 0;
-    for (const auto & st : states) {
-        for (const auto * v : {&st.work, &st.pool}) {
-            for (const slot & x : *v) {
-                resident += x.blk >= 0 && x.ref == ref;
+    int64_t resident_blocks = 0;
+    if (resident) {
+        resident_blocks = (int64_t) n_stored*(int64_t) layers.size();
+    } else {
+        for (const auto & st : states) {
+            for (const int32_t b : st.slot_blk) {
+                resident_blocks += b >= 0;
             }
         }
     }
     s.n_tokens        = n_tokens;
-    s.n_blocks        = states.empty() ? 0 : states[0].n_stored;
+    s.n_blocks        = n_stored;
     s.n_blocks_max    = n_blocks;
     s.selections      = selections;
     s.n_ring          = n_ring;
     s.n_pool          = n_pool;
+    s.resident        = resident;
     s.work_bytes      = work_bytes;
     s.pool_bytes      = pool_bytes;
     s.repr_bytes      = repr_bytes;
     s.device_bytes    = ggml_backend_buffer_get_size(buf_device.get());
     s.budget_bytes    = params.budget_bytes;
-    s.host_bytes      = store->bytes();
-    s.blocks_resident = resident;
+    s.host_bytes      = store ? store->bytes() : 0;
+    s.blocks_resident = resident_blocks;
     s.hits            = blk_hits;
-    s.pool_hits       = pool_hits;
     s.misses          = blk_misses;
-    s.bytes_h2d       = xfer->bytes_h2d;
-    s.bytes_d2h       = xfer->bytes_d2h;
-    s.transfer_wait_s = xfer->wait_s;
+    s.ubatches        = n_ubatches;
+    s.callbacks       = n_callbacks;
+    s.bytes_h2d       = xfer ? xfer->bytes_h2d : 0;
+    s.bytes_d2h       = xfer ? xfer->bytes_d2h : 0;
+    s.transfer_wait_s = xfer ? xfer->wait_s : 0.0;
     s.host_work_s     = host_work_s;
 }
 
@@ -650,12 +553,12 @@ bool llama_kv_cache_infllm_context::apply() {
         return true;   // reservation
     }
     const llama_ubatch & ub = ubatches[i_next];
-    const llama_pos p0 = ub.pos[0];
-    if (cache->n_evicted(cache->window_start(p0)) > 0 && cache->n_sel > 0) {
-        cache->selections += cache->hparams.n_layer();
+    try {
+        cache->begin_ubatch(ub.pos[0], ub.n_tokens);
+    } catch (const std::exception & e) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, e.what());
+        return false;
     }
-    cache->cur_ls   = cache->window_start(p0);
-    cache->n_tokens = (uint32_t) (p0 + (llama_pos) ub.n_tokens);
     return true;
 }
 

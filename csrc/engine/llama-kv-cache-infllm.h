@@ -21,36 +21,35 @@ struct llama_hparams;
 
 class llama_kv_cache_infllm : public llama_memory_i {
 public:
-    // per layer device tensors
+    // per layer device tensors. Memory keys are stored position-independent (positions="infllm":
+    // rotated back to position 0; "absolute": as the ring held them), so a block on the device
+    // stays valid when the window moves; the graph applies the memory position.
     struct layer {
         uint32_t il;
-        // attention working set, rows: [0, n_sel*block_size) slots holding the selected
-        // blocks, then n_init rows for the sinks, then the n_ring cells of the local ring
+        // attention rows: [0, n_mem_max) memory rows that the graph fills for flash attention
+        // (selected blocks, then the sinks, at the memory position), then the n_ring ring cells
         ggml_tensor * k_work;    // [n_embd_k_gqa, n_mem_max + n_ring]
         ggml_tensor * v_work;    // [n_embd_v_gqa, n_mem_max + n_ring]
-        ggml_tensor * repr;      // [n_embd_k_gqa, n_blocks] f32 sum of un-rotated keys per block
-        ggml_tensor * k_pool;    // [n_embd_k_gqa, n_pool*block_size] device block cache (victims of
-        ggml_tensor * v_pool;    // [n_embd_v_gqa, n_pool*block_size]  the working set), or nullptr
+        ggml_tensor * k_pool;    // [n_embd_k_gqa, n_pool*block_size] blocks on the device
+        ggml_tensor * v_pool;    // [n_embd_v_gqa, n_pool*block_size]
+        ggml_tensor * k_sinks;   // [n_embd_k_gqa, n_init] the first n_init tokens (or nullptr)
+        ggml_tensor * v_sinks;   // [n_embd_v_gqa, n_init]
+        ggml_tensor * repr;      // [n_embd_k_gqa, n_blocks] f32 sum of a block's keys at position 0
+        ggml_tensor * sel;       // I32 [n_sel] pool slots of the picked blocks (offload; nullptr when resident)
+        ggml_tensor * k_evict;   // [n_embd_k_gqa, n_ev_max*block_size] blocks leaving the window, on
+        ggml_tensor * v_evict;   // their way to the host store (offload; nullptr when resident)
     };
 
-    // RoPE of the model as the graph applies it (host-side rotation of memory keys)
-    struct rope_params {
-        int   n_rot;
-        bool  neox;
-        float freq_base;
-        float freq_scale;
-        float attn_factor;
-    };
-
-    // device bytes of everything but the block cache, and of one block in the cache (all layers)
+    // device bytes of everything but the block pool, and of one block in the pool (all layers)
     struct footprint {
         size_t fixed;
         size_t per_block;
     };
     static footprint device_footprint(const llama_model & model, const llama_infllm_params & params,
-                                      ggml_type type_k, ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch);
+                                      ggml_type type_k, ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch,
+                                      bool resident);
 
-    llama_kv_cache_infllm(const llama_model & model, const llama_infllm_params & params, const rope_params & rope,
+    llama_kv_cache_infllm(const llama_model & model, const llama_infllm_params & params,
                           ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch);
     ~llama_kv_cache_infllm() = default;
 
@@ -101,26 +100,29 @@ public:
     static llama_pos memory_position(llama_pos ls) { return ls - 1; }
 
     // name prefixes of the per-layer graph nodes at which the scheduler hands over to the
-    // cache (eval callback): EVICT_NODE before the selection, in ubatches whose window start
-    // passed blocks not yet stored; SYNC_NODE after the selection. Both come before the
-    // ubatch's ring writes.
+    // cache (eval callback; offload mode only). EVICT_NODE comes after the blocks that left
+    // the window were copied to the eviction buffer; SYNC_NODE is the selection, after which
+    // the cache makes the picked blocks resident and writes their slots. The graph orders
+    // every reader of what the cache writes after these nodes by explicit edges.
     static constexpr const char * EVICT_NODE = "infllm_evict-";
     static constexpr const char * SYNC_NODE  = "infllm_sel-";
 
-    // whether a ubatch whose window starts at ls has blocks (or the sinks) to evict
-    bool needs_eviction(llama_pos ls) const;
+    // what the ubatch being computed does (set by the memory context's apply())
+    struct ubatch_plan {
+        llama_pos ls      = 0;      // window start
+        uint32_t  ev_b0   = 0;      // blocks [ev_b0, ev_b1) leave the window in this ubatch
+        uint32_t  ev_b1   = 0;
+        bool      ev_sinks = false; // the sinks leave the window in this ubatch
+    };
 
-    // at the evict node of layer il: move the blocks that left the window (and, once, the
-    // sinks) from the ring to the host store and write their representative keys
+    // at the evict node of layer il: queue the copy of the evicted blocks to the host store
     void on_evict(int32_t il);
 
-    // at the sync node of layer il: place the sinks and the blocks of `sel` (I32 ids, or
-    // nullptr when no block is selected) into the working set. A slot that already holds a
-    // picked block at the current memory position is kept; a missing block comes from the
-    // device block cache when it is there, else from the host store.
+    // at the sync node of layer il: make the blocks of `sel` (I32 ids) resident in the pool
+    // (fetching the missing ones from the host store) and write their slots to the layer's sel
     void on_sync(int32_t il, const ggml_tensor * sel);
 
-    // the eval-callback state that routes sync nodes here; owned by the cache
+    // the eval-callback state that routes the cache's nodes here; owned by the cache
     void set_router(std::unique_ptr<void, void (*)(void *)> r) { router = std::move(r); }
 
     const layer & get_layer(int32_t il) const;
@@ -136,6 +138,12 @@ public:
     const uint32_t n_sel;      // blocks selected per chunk: min(topk, n_blocks)
     const uint32_t n_mem_max;  // memory rows of the working set: n_sel*block_size + n_init
     const uint32_t n_ubatch;
+    const uint32_t n_ev_max;   // blocks that can leave the window in one ubatch
+
+    // every block has a pool slot (slot = block id): no host store, no hand-over to the cache
+    // during the compute; otherwise the pool caches blocks of the host store (offload)
+    bool resident = true;
+    uint32_t n_pool = 0;       // device block slots per layer
 
     // decode steps attend with llama-infllm-attn-cpu instead of ggml_flash_attn_ext (the cache
     // lives in CPU memory with f16 K/V; PYLLAMA_INF_ATTN=ggml turns it off, for comparisons)
@@ -143,56 +151,42 @@ public:
 
     uint32_t n_tokens   = 0;   // positions [0, n_tokens) are stored
     int64_t  selections = 0;
+    int64_t  n_ubatches = 0;   // ubatches computed
 
-    // the ubatch being computed (set by the memory context's apply())
-    llama_pos cur_ls = 0;
+    ubatch_plan cur;           // the ubatch being computed
+
+    // plan the ubatch that starts at p0 and advance the eviction state (memory context's apply())
+    void begin_ubatch(llama_pos p0, uint32_t n_q);
+
+    // host-side tables of the ubatch (each may be nullptr): ring cells (working-set rows) and
+    // -positions of the rows that leave the window, their rows in the pool or the eviction
+    // buffer, and the ids of their blocks
+    void eviction_rows(int32_t * cells, int32_t * neg_pos, int32_t * dst, int32_t * blk) const;
 
 private:
-    // which block a slot holds and at which memory position its keys are rotated
-    struct slot {
-        int32_t   blk  = -1;   // -1: empty
-        llama_pos ref  = 0;
-        int64_t   used = 0;    // last selection that wanted it (LRU)
-    };
-
-    // per layer host-side state
+    // per layer host-side state of the pool (offload)
     struct layer_state {
-        std::vector<slot> work;           // n_sel working-set slots
-        std::vector<slot> pool;           // n_pool device block-cache slots
-        uint32_t  n_stored  = 0;          // blocks moved to the host store
-        bool      sinks_stored = false;
-        bool      sinks_placed = false;
-        llama_pos sinks_ref = 0;
+        std::vector<int32_t> slot_blk;    // block held by each pool slot (-1: empty)
+        std::vector<int64_t> slot_used;   // last selection that wanted it (LRU)
+        std::vector<int32_t> blk_slot;    // slot of each block (-1: host store only)
+        std::vector<int32_t> sel_slots;   // the slots last written to the layer's sel tensor
     };
 
-    // ring -> host store: the sinks and blocks [st.n_stored, n_ev); representative keys
-    void evict(const layer & l, layer_state & st, uint32_t n_ev);
-
-    // host store rows of block blk (-1: sinks) -> working-set rows from `row`, keys rotated
-    // from position 0 to `ref` (positions="infllm") or copied as stored
-    void fetch(const layer & l, int32_t blk, uint32_t row, llama_pos ref);
-
-    // device copy of one block between a working-set slot and a block-cache slot
-    void copy_block(const layer & l, uint32_t work_slot, uint32_t pool_slot, bool to_pool);
-
-    const rope_params rope;
     std::unique_ptr<void, void (*)(void *)> router{nullptr, [](void *) {}};
 
-    uint32_t n_pool = 0;       // device block-cache slots (from the byte budget)
     size_t   k_row_bytes = 0;  // bytes of one K / V row (one layer)
     size_t   v_row_bytes = 0;
+    uint32_t n_stored    = 0;  // blocks moved out of the ring (all layers move together)
+    bool     sinks_stored = false;
 
     std::vector<layer_state> states;
-    std::unique_ptr<llama_infllm_host_store> store;
-    std::unique_ptr<llama_infllm_transfer>   xfer;
-    std::vector<uint8_t> staging;
-    std::vector<float>   rope_cache;
-    std::vector<float>   rot_scratch;
-    std::vector<float>   repr_row;
+    std::unique_ptr<llama_infllm_host_store> store;   // offload only
+    std::unique_ptr<llama_infllm_transfer>   xfer;    // offload only
+    bool d2h_pending = false;  // evicted blocks on their way to the host store
 
-    int64_t n_sync     = 0;    // sync callbacks (layer, ubatch) with memory
-    int64_t blk_hits   = 0;    // picked blocks already in the working set
-    int64_t pool_hits  = 0;    // picked blocks copied from the device block cache
+    int64_t n_callbacks = 0;   // hand-overs to the cache during the compute (each stops the device queue)
+    int64_t n_sync     = 0;    // selections handled by on_sync (LRU clock)
+    int64_t blk_hits   = 0;    // picked blocks found on the device
     double  host_work_s = 0.0; // time in on_evict / on_sync
     int64_t blk_misses = 0;    // picked blocks fetched from the host store
 

@@ -1,0 +1,163 @@
+"""The InfLLM cache on devices whose memory is not host memory.
+
+- RPC: upstream's rpc-server in another process, on loopback (always, when it was built);
+- GPU: the first GPU device of the build — Vulkan on Mesa's lavapipe, with ggml-vulkan's
+  graph optimisation (node reordering) on (``make test-vulkan``: a Vulkan build,
+  GGML_VK_VISIBLE_DEVICES=0), or CUDA (``benchmarks/gpu_check.sh``).
+
+A tiny random model, small blocks and a few hundred tokens exercise evictions, misses and
+window moves; stock attention on the same device is the reference.
+"""
+
+import dataclasses
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+import pyllama_inf as pi
+from pyllama_inf.testing import rpc_server
+
+from conftest import ROOT
+
+SMALL = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=4)
+N_TOKENS = 400
+
+
+def ids(n):
+    """n token ids inside the synthetic model's vocabulary."""
+    return [2 + (i * 7 + i // 13) % 250 for i in range(n)]
+
+
+def _vulkan_device():
+    for name, desc in pi.gpu_devices():
+        if name.startswith("Vulkan"):
+            return name, desc
+    return None
+
+
+@pytest.fixture(scope="module", params=["rpc", "gpu"])
+def device(request):
+    """Model keyword arguments that put every layer, and the cache, on the device."""
+    if request.param == "rpc":
+        binary = ROOT / "build" / "bin" / "ggml-rpc-server"
+        if not binary.is_file():
+            pytest.skip("upstream's rpc-server is not built (make upstream-tools)")
+        with rpc_server(binary, threads=2) as endpoint:
+            yield {"rpc_servers": endpoint, "n_gpu_layers": -1}
+    else:
+        if not pi.gpu_devices():
+            pytest.skip("no GPU device in this build (make test-vulkan builds one that shows lavapipe)")
+        yield {"n_gpu_layers": -1, "main_gpu": 0}
+
+
+def logits(path, device, n_ubatch=64, tokens=N_TOKENS, **kw):
+    with pi.Model(path, n_ctx=1024, n_threads=2, n_ubatch=n_ubatch, flash_attn=True, **device, **kw) as m:
+        return m.logits(ids(tokens)), m.kv_stats()
+
+
+def agreement(a, b):
+    top1 = float((a.argmax(1) == b.argmax(1)).mean())
+    nmse = float(((a - b) ** 2).mean() / (a ** 2).mean())
+    return top1, nmse
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_model, device):
+    return logits(tiny_model, device)
+
+
+def test_cache_lives_on_the_device(tiny_model, device, stock):
+    _, s = logits(tiny_model, device, kv="infllm", infllm=SMALL)
+    # one buffer, the device's (llama.cpp names a buffer type after its device)
+    assert list(s.buffers) != ["CPU"] and len(s.buffers) == 1, s.buffers
+    assert sum(s.buffers.values()) == s.device_bytes
+    assert s.infllm.n_blocks > 10 and s.infllm.resident
+    # the stock cache on the device too: the reference below ran there
+    assert list(stock[1].buffers) == list(s.buffers)
+
+
+def test_window_covering_context_equals_stock(tiny_model, device, stock):
+    ours, s = logits(tiny_model, device, kv="infllm", infllm=pi.InfLLMConfig(n_local=1024))
+    top1, nmse = agreement(stock[0], ours)
+    assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
+    assert s.infllm.n_blocks == 0
+
+
+def test_blocks_covering_context_with_absolute_positions_equal_stock(tiny_model, device, stock):
+    cfg = dataclasses.replace(SMALL, topk=64, positions="absolute")
+    ours, s = logits(tiny_model, device, kv="infllm", infllm=cfg)
+    top1, nmse = agreement(stock[0], ours)
+    assert top1 >= 0.99 and nmse < 5e-3, (top1, nmse)
+    assert s.infllm.n_blocks > 15 and s.infllm.selections > 0
+
+
+@pytest.mark.parametrize("positions", ["infllm", "absolute"])
+def test_offload_is_bit_identical_and_really_moves_blocks(tiny_model, device, positions):
+    cfg = dataclasses.replace(SMALL, positions=positions)
+    resident, sr = logits(tiny_model, device, kv="infllm", infllm=cfg)
+    offload, so = logits(tiny_model, device, kv="infllm", infllm=dataclasses.replace(cfg, cache_blocks=cfg.topk))
+    assert np.array_equal(resident, offload)
+    r, o = sr.infllm, so.infllm
+    assert r.resident and r.callbacks == r.bytes_h2d == r.bytes_d2h == r.misses == 0 and sr.host_bytes == 0
+    assert not o.resident and o.n_pool == cfg.topk
+    # every evicted block went to the host store once, and picks that were not resident came back
+    row = pi.inspect(tiny_model).kv_bytes_per_token()
+    assert o.bytes_d2h == o.n_blocks * cfg.block_size * row and so.host_bytes >= o.bytes_d2h
+    assert o.misses > 0 and o.bytes_h2d >= o.misses * cfg.block_size * row // 2   # per layer: half of a row
+    assert o.callbacks > 0 and 0 < o.hits + o.misses <= r.selections * cfg.topk
+
+
+def test_decode_steps_and_window_moves(tiny_model, device, stock):
+    """One token per step (the decode path) across window moves: offload equals resident, and
+    a pool that holds every block moves nothing once the blocks are there."""
+    cfg = SMALL
+    a, sa = logits(tiny_model, device, n_ubatch=1, tokens=160, kv="infllm", infllm=cfg)
+    b, sb = logits(tiny_model, device, n_ubatch=1, tokens=160, kv="infllm",
+                   infllm=dataclasses.replace(cfg, cache_blocks=cfg.topk))
+    assert np.array_equal(a, b)
+    assert sa.infllm.bytes_h2d == 0 and sb.infllm.misses > 0
+    assert sa.infllm.ubatches == 160
+
+
+def test_bad_device_settings_raise(tiny_model, device):
+    with pytest.raises(ValueError, match="host:port"):
+        pi.Model(tiny_model, rpc_servers="localhost")
+    with pytest.raises(ValueError, match="host:port"):
+        pi.Model(tiny_model, rpc_servers="127.0.0.1:99999")
+    with pytest.raises(TypeError, match="rpc_servers"):
+        pi.Model(tiny_model, rpc_servers=["127.0.0.1:1"])
+    with pytest.raises(ValueError, match="main_gpu"):
+        pi.Model(tiny_model, main_gpu=7, **device)
+    # nothing listens there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match="could not reach"):
+        pi.Model(tiny_model, rpc_servers=f"127.0.0.1:{free}", n_gpu_layers=-1)
+    # something that is not an RPC server listens there
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def answer_garbage():
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        t = threading.Thread(target=answer_garbage, daemon=True)
+        t.start()
+        with pytest.raises(ConnectionError, match="RPC server"):
+            pi.Model(tiny_model, rpc_servers=f"127.0.0.1:{srv.getsockname()[1]}", n_gpu_layers=-1)
+        t.join(5)
+
+
+@pytest.mark.skipif(os.environ.get("PYLLAMA_INF_DEVICE_TESTS") != "vulkan", reason="make test-vulkan only")
+def test_vulkan_reorders_nodes_and_results_hold(tiny_model):
+    """The Vulkan run must have graph optimisation on: the point is that node reordering
+    cannot break the cache (ordering is by explicit edges)."""
+    assert "GGML_VK_DISABLE_GRAPH_OPTIMIZE" not in os.environ
+    assert _vulkan_device() is not None, "make test-vulkan expects lavapipe (GGML_VK_VISIBLE_DEVICES=0)"
