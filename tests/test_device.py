@@ -130,7 +130,7 @@ def test_bad_device_settings_raise(tiny_model, device):
     with pytest.raises(TypeError, match="rpc_servers"):
         pi.Model(tiny_model, rpc_servers=["127.0.0.1:1"])
     with pytest.raises(ValueError, match="main_gpu"):
-        pi.Model(tiny_model, main_gpu=7, **device)
+        pi.Model(tiny_model, **{**device, "main_gpu": 7})
     # nothing listens there
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

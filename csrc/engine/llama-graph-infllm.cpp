@@ -36,7 +36,7 @@ public:
     bool can_reuse(const llm_graph_params & params) override;
 
     ggml_tensor * ring_idx  = nullptr; // I32 [n_tokens]       working-set row of each token (ring part)
-    ggml_tensor * kq_mask   = nullptr; // F16 [n_att, n_tokens] rows: selected blocks, sinks, ring cells
+    ggml_tensor * kq_mask   = nullptr; // F16 [n_att, n_tokens] rows: selected blocks, sinks, ring cells, padding
     ggml_tensor * sel_pos   = nullptr; // I32 [1]              -(memory position): rotates a query to see memory
     ggml_tensor * mem_pos   = nullptr; // I32 [max(n_sel*bs, n_init)] the memory position (key rotation)
     ggml_tensor * blk_bias  = nullptr; // F32 [1, n_blocks]    0 for memory blocks, -inf otherwise
@@ -92,7 +92,7 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
     const uint32_t n_ring = c->n_ring;          // ring size (cell = pos % n_ring)
     const uint32_t n_used = shape.n_ring;       // cells attended
     const uint32_t n_mem  = infllm_n_mem(p, shape.memory, shape.n_sel);
-    const uint32_t n_att  = n_mem + n_used;
+    const uint32_t n_att  = llama_kv_cache_infllm::n_attended(n_mem, n_used);   // with the masked padding
     const llama_pos p_end = ubatch->pos[0] + (llama_pos) n_q;   // exclusive
     const llama_pos ls    = c->cur.ls;
     const llama_pos r     = llama_kv_cache_infllm::memory_position(ls);
@@ -128,6 +128,9 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
             const bool ok = pos_c >= ls && pos_c >= 0 && pos_c <= ubatch->pos[i];
             m[(size_t) i*n_att + n_mem + cell] = ok ? h_zero : h_ninf;
         }
+    }
+    for (uint32_t i = 0; i < n_q; ++i) {
+        std::fill(m + (size_t) i*n_att + n_mem + n_used, m + (size_t) (i + 1)*n_att, h_ninf);
     }
 
     if (used(blk_bias)) {
@@ -186,7 +189,7 @@ llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & 
     };
     const int64_t n_mem = infllm_n_mem(p, shape.memory, shape.n_sel);
     inp->ring_idx = input(GGML_TYPE_I32, n_q, 1, "infllm_ring_idx");
-    inp->kq_mask  = input(GGML_TYPE_F16, n_mem + shape.n_ring, n_q, "infllm_kq_mask");
+    inp->kq_mask  = input(GGML_TYPE_F16, llama_kv_cache_infllm::n_attended(n_mem, shape.n_ring), n_q, "infllm_kq_mask");
     if (!p.absolute && (shape.n_sel > 0 || shape.memory)) {
         inp->sel_pos = input(GGML_TYPE_I32, 1, 1, "infllm_sel_pos");
         // one position for every memory row: a prefix serves the blocks and the sinks
@@ -286,7 +289,7 @@ ggml_tensor * llama_infllm_build_attn(
     const int64_t n_blk_rows = n_sel*bs;
     const int64_t n_mem  = infllm_n_mem(p, shape.memory, shape.n_sel);
     const int64_t m0     = c->n_mem_max - n_mem;       // first working-set row attended: the last n_sel slots
-    const int64_t n_att  = n_mem + shape.n_ring;       // rows attended: blocks, sinks, ring
+    const int64_t n_att  = llama_kv_cache_infllm::n_attended(n_mem, shape.n_ring);   // blocks, sinks, ring, padding
     const bool    rotate = !p.absolute;                // memory keys are stored at position 0
 
     if (!ggml_is_contiguous(v_cur)) {
@@ -389,8 +392,10 @@ ggml_tensor * llama_infllm_build_attn(
 
         ggml_tensor * scores = ggml_add(ctx0, ggml_mul_mat(ctx0, repr, qs),
                                         ggml_reshape_2d(ctx0, inp->blk_bias, c->n_blocks, 1));  // [n_blocks, 1]
-        // n_sel <= memory blocks, so every pick has a finite score
-        ggml_tensor * ids = ggml_top_k(ctx0, scores, n_sel);
+        // n_sel <= memory blocks, so every pick has a finite score. One pick is an argmax:
+        // ggml-vulkan's top-k shortcut for k = 1 compares float bits as signed integers and
+        // prefers -inf to any negative score
+        ggml_tensor * ids = n_sel == 1 ? ggml_argmax(ctx0, scores) : ggml_top_k(ctx0, scores, n_sel);
         if (c->resident) {
             slots = ids;
         } else {
@@ -418,8 +423,8 @@ ggml_tensor * llama_infllm_build_attn(
         }
         const int n_chunks = (int) std::clamp<int64_t>(n_att/256, 1, 32);
         ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_cur,
-                infllm_rows_3d(ctx0, k_ring, d_k, c->n_mem_max, shape.n_ring),
-                infllm_rows_3d(ctx0, v_ring, d_v, c->n_mem_max, shape.n_ring),
+                infllm_rows_3d(ctx0, k_ring, d_k, c->n_mem_max, n_att - n_mem),
+                infllm_rows_3d(ctx0, v_ring, d_v, c->n_mem_max, n_att - n_mem),
                 shape.memory ? &mem : nullptr, inp->kq_mask, kq_scale, n_chunks);
         return infllm_output(g, out, wo, wo_b, wo_s, il);
     }

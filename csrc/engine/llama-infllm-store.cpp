@@ -84,15 +84,11 @@ llama_infllm_transfer::llama_infllm_transfer(ggml_backend_dev_t dev) {
         throw std::runtime_error(std::string("InfLLM cache: could not start a transfer backend on ") +
                                  ggml_backend_dev_name(dev));
     }
-    event = ggml_backend_event_new(dev);   // nullptr where the device has no events
 }
 
 llama_infllm_transfer::~llama_infllm_transfer() {
     if (pending) {
         ggml_backend_synchronize(backend.get());
-    }
-    if (event != nullptr) {
-        ggml_backend_event_free(event);
     }
 }
 
@@ -113,12 +109,9 @@ void llama_infllm_transfer::wait() {
         return;
     }
     const auto t0 = std::chrono::steady_clock::now();
-    if (event != nullptr) {
-        ggml_backend_event_record(event, backend.get());
-        ggml_backend_event_synchronize(event);
-    } else {
-        ggml_backend_synchronize(backend.get());
-    }
+    // not an event: the async copies of some backends (Vulkan) finish their host-side part
+    // (staging <-> host memory) only in synchronize; on CUDA this waits for the transfer stream
+    ggml_backend_synchronize(backend.get());
     wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     pending = false;
 }

@@ -9,8 +9,8 @@
 //
 // llama_infllm_transfer: a second backend instance of the device holding the cache (its own
 // stream on CUDA); host<->device copies are issued on it with the *_async calls and waited
-// for with a backend event where the device has them, ggml_backend_synchronize otherwise.
-// The CPU backend takes the same path (its async calls are plain copies).
+// for with ggml_backend_synchronize of that instance (which also completes the host side of
+// staged copies). The CPU backend takes the same path (its async calls are plain copies).
 
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
@@ -77,7 +77,6 @@ public:
 
 private:
     ggml_backend_ptr backend;
-    ggml_backend_event_t event = nullptr;
     bool pending = false;
 
 public:

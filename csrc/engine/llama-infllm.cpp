@@ -42,7 +42,7 @@ bool infllm_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
                 r->cache->on_evict(il_evict);
             }
             if (!ask && il_sync >= 0) {
-                r->cache->on_sync(il_sync, t->op == GGML_OP_TOP_K ? t : nullptr);
+                r->cache->on_sync(il_sync, t);   // the picked block ids
             }
             return true;
         }

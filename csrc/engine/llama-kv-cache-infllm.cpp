@@ -48,7 +48,7 @@ llama_kv_cache_infllm::footprint llama_kv_cache_infllm::device_footprint(
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         const size_t k_row = ggml_row_size(type_k, hp.n_embd_k_gqa(il));
         const size_t v_row = ggml_row_size(type_v, hp.n_embd_v_gqa(il));
-        f.fixed += (k_row + v_row)*(n_mem_max + n_ring + p.n_init);
+        f.fixed += (k_row + v_row)*(n_mem_max + n_ring + ATT_PAD - 1 + p.n_init);
         f.fixed += ggml_row_size(GGML_TYPE_F32, hp.n_embd_k_gqa(il))*std::max(n_blocks, 1u);
         f.fixed += 6*INFLLM_TENSOR_PAD;
         if (!resident) {
@@ -144,8 +144,8 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
 
         layer l = {};
         l.il     = il;
-        l.k_work = tensor(type_k, n_embd_k, n_mem_max + n_ring, "k_work");
-        l.v_work = tensor(type_v, n_embd_v, n_mem_max + n_ring, "v_work");
+        l.k_work = tensor(type_k, n_embd_k, n_mem_max + n_ring + ATT_PAD - 1, "k_work");
+        l.v_work = tensor(type_v, n_embd_v, n_mem_max + n_ring + ATT_PAD - 1, "v_work");
         l.k_pool = tensor(type_k, n_embd_k, std::max(n_pool, 1u)*bs, "k_pool");
         l.v_pool = tensor(type_v, n_embd_v, std::max(n_pool, 1u)*bs, "v_pool");
         l.repr   = tensor(GGML_TYPE_F32, n_embd_k, std::max(n_blocks, 1u), "repr");

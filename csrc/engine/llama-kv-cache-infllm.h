@@ -28,8 +28,8 @@ public:
         uint32_t il;
         // attention rows: [0, n_mem_max) memory rows that the graph fills for flash attention
         // (selected blocks, then the sinks, at the memory position), then the n_ring ring cells
-        ggml_tensor * k_work;    // [n_embd_k_gqa, n_mem_max + n_ring]
-        ggml_tensor * v_work;    // [n_embd_v_gqa, n_mem_max + n_ring]
+        ggml_tensor * k_work;    // [n_embd_k_gqa, n_mem_max + n_ring + ATT_PAD - 1] (padding rows: masked)
+        ggml_tensor * v_work;    // [n_embd_v_gqa, n_mem_max + n_ring + ATT_PAD - 1]
         ggml_tensor * k_pool;    // [n_embd_k_gqa, n_pool*block_size] blocks on the device
         ggml_tensor * v_pool;    // [n_embd_v_gqa, n_pool*block_size]
         ggml_tensor * k_sinks;   // [n_embd_k_gqa, n_init] the first n_init tokens (or nullptr)
@@ -91,6 +91,11 @@ public:
 
     // ring cells a ubatch ending before p_end has to look at (all once the ring wrapped)
     uint32_t n_ring_used(llama_pos p_end) const;
+
+    // the attention reads a multiple of ATT_PAD rows (the rest masked), as stock llama.cpp pads
+    // its n_kv: some backend kernels (ggml-vulkan's one-query flash attention) read whole tiles
+    static constexpr uint32_t ATT_PAD = 256;
+    static uint32_t n_attended(uint32_t n_mem, uint32_t n_ring_used) { return GGML_PAD(n_mem + n_ring_used, ATT_PAD); }
 
     // blocks selected for a ubatch whose window starts at ls: min(n_sel, n_evicted(ls))
     uint32_t n_selected(llama_pos ls) const;
