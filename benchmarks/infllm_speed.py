@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depths", default="2048,8192,16384,32768")
     ap.add_argument("--n-gen", type=int, default=128)
-    ap.add_argument("--stock", default="full-fa,full-nofa", help="stock configurations to run")
+    ap.add_argument("--stock", default="full-fa,full-nofa", help="stock configurations to run ('none': InfLLM only)")
     ap.add_argument("--stock-max-depth", type=int, default=None,
                     help="run the stock cache only up to this depth (default: every depth)")
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
@@ -79,9 +79,9 @@ def main() -> int:
     args = ap.parse_args()
     model = args.model or str(smollm2_path())
     depths = [int(d) for d in args.depths.split(",")]
-    stock = args.stock.split(",")
+    stock = [] if args.stock == "none" else args.stock.split(",")
 
-    stock_depths = [d for d in depths if args.stock_max_depth is None or d <= args.stock_max_depth]
+    stock_depths = [d for d in depths if stock and (args.stock_max_depth is None or d <= args.stock_max_depth)]
     res = {c: measure(model, c, stock_depths, args.threads, args.n_gen, args.n_gpu_layers) for c in stock}
     res["infllm"] = measure(model, "infllm", depths, args.threads, args.n_gen, args.n_gpu_layers)
     inf = res["infllm"]
@@ -135,7 +135,8 @@ def main() -> int:
     lines.append("")
     lines.append(f"tok/s; prefill = the {CHUNK}-token chunk ending at the depth, decode = {args.n_gen} single-token "
                  "steps after it. Ratios are InfLLM over the faster stock configuration at that depth"
-                 + (f"; the stock cache ran up to {args.stock_max_depth} (—: not run)." if stock_depths != depths else "."))
+                 + ("." if stock_depths == depths else
+                    f"; the stock cache ran at {stock_depths or 'no depth'} (—: not run)."))
     lines.append("")
     lines.append("InfLLM counters per generate() (prefill and decode): hand-overs to the cache during the compute, "
                  "host->device MiB, host work ms per decoded token:")
