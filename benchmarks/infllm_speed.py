@@ -114,7 +114,7 @@ def main() -> int:
         "# InfLLM cache vs stock cache: prefill and decode speed",
         "",
         f"- model: {meta['model']}, threads: {args.threads}, InfLLM defaults (block 128, n_init 128, "
-        f"n_local 4096, topk 16, no kv_budget); stock cache with flash attention on (FA) and off",
+        f"n_local 4096, topk 16, no kv_budget); stock cache: {', '.join(names.get(c, c) for c in stock) or 'not run'}",
         f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; llama.cpp {pi.UPSTREAM_COMMIT}"
         + (f"; layers on {', '.join(d for _, d in meta['gpu_devices'])}" if args.n_gpu_layers else ""),
         f"- command: `{meta['command']}`",
