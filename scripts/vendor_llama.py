@@ -117,7 +117,8 @@ def extract(sdist: Path, dest: Path) -> None:
 
 
 def run_patch(tree: Path, patch: Path, *extra: str) -> bool:
-    cmd = ["patch", "-p1", "--batch", "--silent", "-d", str(tree), "-i", str(patch), *extra]
+    # -d changes directory before -i is read: both absolute
+    cmd = ["patch", "-p1", "--batch", "--silent", "-d", str(tree.resolve()), "-i", str(patch.resolve()), *extra]
     return subprocess.run(cmd, capture_output=True).returncode == 0
 
 

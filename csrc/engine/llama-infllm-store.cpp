@@ -12,8 +12,8 @@
 
 llama_infllm_host_store::llama_infllm_host_store(
         ggml_backend_buffer_type_t buft, std::vector<size_t> k_row, std::vector<size_t> v_row,
-        uint32_t n_init, uint32_t block_size, uint32_t blocks_per_chunk) :
-    n_init(n_init), block_size(block_size), blocks_per_chunk(blocks_per_chunk),
+        uint32_t block_size, uint32_t blocks_per_chunk) :
+    block_size(block_size), blocks_per_chunk(blocks_per_chunk),
     buft(buft), k_row(std::move(k_row)), v_row(std::move(v_row)) {
     const size_t align = ggml_backend_buft_get_alignment(buft);
     auto pad = [align](size_t n) { return (n + align - 1)/align*align; };
@@ -23,13 +23,12 @@ llama_infllm_host_store::llama_infllm_host_store(
         chunk_bytes += pad(this->k_row[il]*rows);
         v_off.push_back(chunk_bytes);
         chunk_bytes += pad(this->v_row[il]*rows);
-        sinks_bytes += pad((this->k_row[il] + this->v_row[il])*n_init) + align;
     }
 }
 
 size_t llama_infllm_host_store::bytes_for(uint32_t n_blocks) const {
     const size_t n_chunks = (n_blocks + blocks_per_chunk - 1)/blocks_per_chunk;
-    return (n_init > 0 ? sinks_bytes : 0) + n_chunks*chunk_bytes;
+    return n_chunks*chunk_bytes;
 }
 
 void llama_infllm_host_store::reserve(uint32_t n_blocks) {
@@ -42,25 +41,12 @@ void llama_infllm_host_store::reserve(uint32_t n_blocks) {
         n_bytes += size;
         return ggml_backend_buffer_ptr(buf);
     };
-    if (n_init > 0 && !sinks) {
-        sinks = alloc(sinks_bytes);
-    }
     while ((size_t) chunks.size()*blocks_per_chunk < n_blocks) {
         chunks.push_back(alloc(chunk_bytes));
     }
 }
 
 uint8_t * llama_infllm_host_store::at(uint32_t il, int32_t blk, bool v) {
-    if (blk < 0) {
-        // sinks: per layer K rows then V rows, each aligned
-        const size_t align = ggml_backend_buft_get_alignment(buft);
-        auto * base = (uint8_t *) ggml_backend_buffer_get_base(sinks.get());
-        size_t off = 0;
-        for (uint32_t j = 0; j < il; ++j) {
-            off += ((k_row[j] + v_row[j])*n_init + align - 1)/align*align + align;
-        }
-        return base + off + (v ? (k_row[il]*n_init + align - 1)/align*align : 0);
-    }
     auto * base = (uint8_t *) ggml_backend_buffer_get_base(chunks.at(blk/blocks_per_chunk).get());
     const size_t in_chunk = (size_t) (blk % blocks_per_chunk)*block_size;
     return base + (v ? v_off[il] + in_chunk*v_row[il] : k_off[il] + in_chunk*k_row[il]);

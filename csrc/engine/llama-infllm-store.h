@@ -2,7 +2,7 @@
 
 // The host tier of the InfLLM cache and the transfers between it and the device.
 //
-// llama_infllm_host_store: evicted blocks (and the sinks) of every layer in host buffers —
+// llama_infllm_host_store: evicted blocks of every layer in host buffers —
 // the device's host buffer type (pinned memory on CUDA) where it has one, CPU buffers
 // otherwise — allocated in chunks of blocks as the context grows and kept for the next
 // sequence (pinning memory is slow, and the next sequence likely grows as far).
@@ -23,22 +23,21 @@ class llama_infllm_host_store {
 public:
     // k_row / v_row: bytes of one token's K / V row per layer
     llama_infllm_host_store(ggml_backend_buffer_type_t buft, std::vector<size_t> k_row, std::vector<size_t> v_row,
-                            uint32_t n_init, uint32_t block_size, uint32_t blocks_per_chunk);
+                            uint32_t block_size, uint32_t blocks_per_chunk);
 
-    // bytes the store reaches when it holds the sinks and n_blocks blocks
+    // bytes the store reaches when it holds n_blocks blocks
     size_t bytes_for(uint32_t n_blocks) const;
 
-    // make room for blocks [0, n_blocks) (and the sinks); throws std::bad_alloc-like
+    // make room for blocks [0, n_blocks); throws std::bad_alloc-like
     // std::runtime_error when a host buffer cannot be allocated
     void reserve(uint32_t n_blocks);
 
-    // K / V rows of block `blk` of layer `il` (blk = -1: the n_init sinks); reserved before
+    // K / V rows of block `blk` of layer `il`; reserved before
     uint8_t * k(uint32_t il, int32_t blk);
     uint8_t * v(uint32_t il, int32_t blk);
 
     size_t bytes() const { return n_bytes; }
 
-    const uint32_t n_init;
     const uint32_t block_size;
     const uint32_t blocks_per_chunk;
 
@@ -51,9 +50,7 @@ private:
     std::vector<size_t> k_off;   // per layer: offset of its K rows inside a chunk
     std::vector<size_t> v_off;
     size_t chunk_bytes = 0;      // all layers, blocks_per_chunk blocks
-    size_t sinks_bytes = 0;      // all layers, n_init rows
 
-    ggml_backend_buffer_ptr sinks;
     std::vector<ggml_backend_buffer_ptr> chunks;
     size_t n_bytes = 0;
 };

@@ -188,7 +188,7 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
         if (host_buft == nullptr) {
             host_buft = ggml_backend_cpu_buffer_type();
         }
-        store = std::make_unique<llama_infllm_host_store>(host_buft, k_rows, v_rows, 0u, bs, 32u);
+        store = std::make_unique<llama_infllm_host_store>(host_buft, k_rows, v_rows, bs, 32u);
         if (params.host_budget > 0 && store->bytes_for(n_blocks) > params.host_budget) {
             throw std::invalid_argument("host_budget of " + std::to_string(params.host_budget) +
                 " bytes is too small: the host block store needs up to " + std::to_string(store->bytes_for(n_blocks)) +
