@@ -94,10 +94,23 @@ def test_blocks_covering_context_with_absolute_positions_equal_stock(tiny_model,
     assert s.infllm.n_blocks > 15 and s.infllm.selections > 0
 
 
+def offload_refused(path, device, cfg, **kw):
+    """On Vulkan the offload mode is refused (a clean error, not the heap corruption it caused
+    on lavapipe: README, "Device backends"); True when that is the case here."""
+    if "rpc_servers" in device or not pi.gpu_devices()[0][0].startswith("Vulkan"):   # main_gpu 0
+        return False
+    with pytest.raises(pi.UnsupportedError, match="offload mode .* not supported on Vulkan"):
+        logits(path, device, kv="infllm", infllm=dataclasses.replace(cfg, cache_blocks=cfg.topk), **kw)
+    return True
+
+
 @pytest.mark.parametrize("positions", ["infllm", "absolute"])
 def test_offload_is_bit_identical_and_really_moves_blocks(tiny_model, device, positions):
     cfg = dataclasses.replace(SMALL, positions=positions)
     resident, sr = logits(tiny_model, device, kv="infllm", infllm=cfg)
+    if offload_refused(tiny_model, device, cfg):
+        assert sr.infllm.resident and sr.infllm.callbacks == sr.infllm.bytes_h2d == 0
+        return
     offload, so = logits(tiny_model, device, kv="infllm", infllm=dataclasses.replace(cfg, cache_blocks=cfg.topk))
     assert np.array_equal(resident, offload)
     r, o = sr.infllm, so.infllm
@@ -115,6 +128,9 @@ def test_decode_steps_and_window_moves(tiny_model, device, stock):
     a pool that holds every block moves nothing once the blocks are there."""
     cfg = SMALL
     a, sa = logits(tiny_model, device, n_ubatch=1, tokens=160, kv="infllm", infllm=cfg)
+    if offload_refused(tiny_model, device, cfg, n_ubatch=1, tokens=160):
+        assert sa.infllm.bytes_h2d == 0 and sa.infllm.ubatches == 160
+        return
     b, sb = logits(tiny_model, device, n_ubatch=1, tokens=160, kv="infllm",
                    infllm=dataclasses.replace(cfg, cache_blocks=cfg.topk))
     assert np.array_equal(a, b)

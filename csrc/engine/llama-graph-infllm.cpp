@@ -292,6 +292,11 @@ ggml_tensor * llama_infllm_build_attn(
     const int64_t n_att  = llama_kv_cache_infllm::n_attended(n_mem, shape.n_ring);   // blocks, sinks, ring, padding
     const bool    rotate = !p.absolute;                // memory keys are stored at position 0
 
+    // K and V reach the cache as views of a fused QKV projection when no RoPE made them new
+    // tensors (StarCoder, GPT-2): the ring writes and the selection read them as rows
+    if (!ggml_is_contiguous(k_cur)) {
+        k_cur = ggml_cont(ctx0, k_cur);
+    }
     if (!ggml_is_contiguous(v_cur)) {
         v_cur = ggml_cont(ctx0, v_cur);
     }
@@ -350,9 +355,10 @@ ggml_tensor * llama_infllm_build_attn(
         } else {
             ggml_tensor * ke = ggml_set_rows(ctx0, L.k_evict, ks, inp->ev_dst);
             ggml_tensor * ve = ggml_set_rows(ctx0, L.v_evict, v_read, inp->ev_dst);
-            // the hand-over reads the buffers: a tiny node after both writes
-            hand_over(ggml_cont(ctx0, ggml_view_1d(ctx0, infllm_after(ctx0, inp->ev_blk, {ke, ve}), 1, 0)),
-                      llama_kv_cache_infllm::EVICT_NODE);
+            // the hand-over reads the buffers: a view computed after both writes, on the device.
+            // It computes nothing (a one-element ggml_cont here, on the device or hung off an
+            // input on the CPU, corrupted the heap on Vulkan/lavapipe)
+            hand_over(infllm_after(ctx0, ke, {ve}), llama_kv_cache_infllm::EVICT_NODE);
         }
         // representative keys: the sum of each block's keys at position 0
         if (c->n_sel > 0) {

@@ -115,6 +115,19 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
         buft = b;
     }
 
+    if (!resident) {
+        // ggml-vulkan: with the hand-over at the selection, a later allocation finds the heap
+        // corrupted (lavapipe, every run of tests/test_device.py -k gpu; not the transfer
+        // backend, the pinned store or top-k: docs/infllm-engine.md). Refuse until understood;
+        // PYLLAMA_INF_VULKAN_OFFLOAD=1 lifts the refusal to reproduce it.
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+        const char * env = std::getenv("PYLLAMA_INF_VULKAN_OFFLOAD");
+        if (reg && std::strcmp(ggml_backend_reg_name(reg), "Vulkan") == 0 && !(env && std::strcmp(env, "1") == 0)) {
+            throw std::runtime_error("InfLLM cache: the offload mode (a kv_budget or cache_blocks below the context's "
+                "blocks) is not supported on Vulkan yet; give the cache room for every block (no kv_budget)");
+        }
+    }
     {
         const char * env = std::getenv("PYLLAMA_INF_ATTN");
         one_query_kernel = buft == ggml_backend_cpu_buffer_type() && type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && !(env && std::strcmp(env, "ggml") == 0);
@@ -208,6 +221,14 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     LLAMA_LOG_INFO("%s: n_ctx = %u, ring = %u cells, blocks = %u x %u, select %u, n_init = %u, n_local = %u, positions = %s\n",
             __func__, n_ctx, n_ring, n_blocks, params.block_size, n_sel, params.n_init, params.n_local,
             params.absolute ? "absolute" : "infllm");
+}
+
+llama_kv_cache_infllm::~llama_kv_cache_infllm() {
+    // copies still queued (the last ubatch's eviction) read the device buffers and write the
+    // host store: both are freed with the members, so the copies must finish first
+    if (xfer) {
+        xfer->wait();
+    }
 }
 
 llama_pos llama_kv_cache_infllm::window_start(llama_pos p0) const {

@@ -51,7 +51,7 @@ public:
 
     llama_kv_cache_infllm(const llama_model & model, const llama_infllm_params & params,
                           ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch);
-    ~llama_kv_cache_infllm() = default;
+    ~llama_kv_cache_infllm() override;
 
     //
     // llama_memory_i
