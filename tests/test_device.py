@@ -96,7 +96,7 @@ def test_blocks_covering_context_with_absolute_positions_equal_stock(tiny_model,
 
 def offload_refused(path, device, cfg, **kw):
     """On Vulkan the offload mode is refused (a clean error, not the heap corruption it caused
-    on lavapipe: README, "Device backends"); True when that is the case here."""
+    on lavapipe: README, "Tests on devices"); True when that is the case here."""
     if "rpc_servers" in device or not pi.gpu_devices()[0][0].startswith("Vulkan"):   # main_gpu 0
         return False
     with pytest.raises(pi.UnsupportedError, match="offload mode .* not supported on Vulkan"):
