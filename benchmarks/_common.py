@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,9 +14,23 @@ import pyllama_inf as pi
 from pyllama_inf.bench import cpu_name, filler_prompt
 
 
+def project_commit() -> str:
+    """The checkout's commit ("+changes" when the tree differs from it), "unknown" outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def machine() -> dict:
-    """What the numbers were measured on."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    """What the numbers were measured on, and with which commit of this project."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "commit": project_commit()}
 
 
 def command() -> str:

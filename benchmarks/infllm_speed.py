@@ -115,7 +115,8 @@ def main() -> int:
         "",
         f"- model: {meta['model']}, threads: {args.threads}, InfLLM defaults (block 128, n_init 128, "
         f"n_local 4096, topk 16, no kv_budget); stock cache: {', '.join(names.get(c, c) for c in stock) or 'not run'}",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; llama.cpp {pi.UPSTREAM_COMMIT}"
+        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; pyllama-inf {meta['machine']['commit']}, "
+        f"llama.cpp {pi.UPSTREAM_COMMIT}"
         + (f"; layers on {', '.join(d for _, d in meta['gpu_devices'])}" if args.n_gpu_layers else ""),
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
