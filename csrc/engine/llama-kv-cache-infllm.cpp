@@ -117,9 +117,9 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
 
     if (!resident) {
         // ggml-vulkan: with the hand-over at the selection, a later allocation finds the heap
-        // corrupted (lavapipe, every run of tests/test_device.py -k gpu; not the transfer
-        // backend, the pinned store or top-k: docs/infllm-engine.md). Refuse until understood;
-        // PYLLAMA_INF_VULKAN_OFFLOAD=1 lifts the refusal to reproduce it.
+        // corrupted (lavapipe, most runs of tests/test_device.py -k gpu; not the transfer
+        // backend, the pinned store or top-k: README, "Tests on devices"). Refuse until
+        // understood; PYLLAMA_INF_VULKAN_OFFLOAD=1 lifts the refusal to reproduce it.
         ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
         ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
         const char * env = std::getenv("PYLLAMA_INF_VULKAN_OFFLOAD");
