@@ -93,7 +93,7 @@ class InfLLMStats:
     callbacks: times the cache took over during a graph compute (offload: the eviction and
         the selection of each layer); each one synchronises the device;
     bytes_h2d / bytes_d2h: bytes moved host -> device (missing blocks, their slots) and
-        device -> host (evicted blocks);
+        device -> host (evicted blocks; not the few bytes of block ids each selection reads);
     transfer_wait_s: time spent waiting for those transfers;
     host_work_s: time the cache spent in its callbacks while graphs ran (includes
         transfer_wait_s).

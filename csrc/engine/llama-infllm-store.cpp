@@ -84,9 +84,9 @@ void llama_infllm_transfer::set(ggml_tensor * t, const void * data, size_t offse
     pending = true;
 }
 
-void llama_infllm_transfer::get(const ggml_tensor * t, void * data, size_t offset, size_t size) {
+void llama_infllm_transfer::get(const ggml_tensor * t, void * data, size_t offset, size_t size, bool counted) {
     ggml_backend_tensor_get_async(backend.get(), t, data, offset, size);
-    bytes_d2h += (int64_t) size;
+    bytes_d2h += counted ? (int64_t) size : 0;
     pending = true;
 }
 

@@ -59,9 +59,10 @@ class llama_infllm_transfer {
 public:
     explicit llama_infllm_transfer(ggml_backend_dev_t dev);
 
-    // host -> device / device -> host, queued on the transfer backend
+    // host -> device / device -> host, queued on the transfer backend; `counted`: add the
+    // bytes to bytes_h2d / bytes_d2h (the block traffic; not the selection's block ids)
     void set(ggml_tensor * t, const void * data, size_t offset, size_t size);
-    void get(const ggml_tensor * t, void * data, size_t offset, size_t size);
+    void get(const ggml_tensor * t, void * data, size_t offset, size_t size, bool counted = true);
 
     // wait until every queued copy is done (the time spent waiting is counted)
     void wait();

@@ -208,6 +208,10 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
                 " bytes for n_ctx = " + std::to_string(n_ctx));
         }
         xfer = std::make_unique<llama_infllm_transfer>(dev ? dev : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
+        sel_host.reset(ggml_backend_buft_alloc_buffer(host_buft, 2*std::max<size_t>(n_sel, 1)*sizeof(int32_t)));
+        if (!sel_host) {
+            throw std::runtime_error("InfLLM cache: could not allocate host memory for the selection");
+        }
         host_desc = std::string(ggml_backend_buft_name(host_buft)) + " via " + xfer->name();
     }
 
@@ -389,7 +393,7 @@ void llama_kv_cache_infllm::on_evict(int32_t il) {
         xfer->get(l.k_evict, store->k(l.il, (int32_t) b), j*bs*k_row_bytes, bs*k_row_bytes);
         xfer->get(l.v_evict, store->v(l.il, (int32_t) b), j*bs*v_row_bytes, bs*v_row_bytes);
     }
-    d2h_pending = true;   // waited for when a miss needs the store, or by the next ubatch
+    d2h_pending = true;   // waited for at the next selection, or by the next ubatch
 }
 
 void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
@@ -403,8 +407,13 @@ void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
 
     const uint32_t n = (uint32_t) ggml_nelements(sel);
     GGML_ASSERT(n <= n_sel && n <= n_pool);
-    std::vector<int32_t> ids(n), slots(n, -1);
-    ggml_backend_tensor_get(sel, ids.data(), 0, n*sizeof(int32_t));
+    int32_t * ids   = (int32_t *) ggml_backend_buffer_get_base(sel_host.get());
+    int32_t * slots = ids + n_sel;
+    // the main backend is synchronised at a callback: the ids are read on the transfer backend
+    xfer->get(sel, ids, 0, n*sizeof(int32_t), /*counted =*/ false);
+    xfer->wait();   // also for this ubatch's evictions, which a miss may need
+    d2h_pending = false;
+    std::fill(slots, slots + n, -1);
 
     // hits first, so that no picked block is chosen as a victim
     for (uint32_t i = 0; i < n; ++i) {
@@ -435,10 +444,6 @@ void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
         if (st.slot_blk[v] >= 0) {
             st.blk_slot[st.slot_blk[v]] = -1;
         }
-        if (d2h_pending) {
-            xfer->wait();   // the block may be one evicted in this ubatch
-            d2h_pending = false;
-        }
         const int32_t b = ids[i];
         xfer->set(l.k_pool, store->k(l.il, b), (size_t) v*bs*k_row_bytes, bs*k_row_bytes);
         xfer->set(l.v_pool, store->v(l.il, b), (size_t) v*bs*v_row_bytes, bs*v_row_bytes);
@@ -448,9 +453,9 @@ void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
         slots[i] = v;
         ++blk_misses;
     }
-    if (slots != st.sel_slots) {
-        xfer->set(l.sel, slots.data(), 0, n*sizeof(int32_t));
-        st.sel_slots = slots;
+    if (!std::equal(slots, slots + n, st.sel_slots.begin(), st.sel_slots.end())) {
+        xfer->set(l.sel, slots, 0, n*sizeof(int32_t));
+        st.sel_slots.assign(slots, slots + n);
     }
     xfer->wait();
 }

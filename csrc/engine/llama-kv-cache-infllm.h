@@ -187,6 +187,11 @@ private:
     std::vector<layer_state> states;
     std::unique_ptr<llama_infllm_host_store> store;   // offload only
     std::unique_ptr<llama_infllm_transfer>   xfer;    // offload only
+    // host memory of the store's type (pinned where the device has it) for the selection's
+    // block ids and the slots written back: [0, n_sel) ids, [n_sel, 2 n_sel) slots. Copies
+    // from pageable memory are synchronous on CUDA and go through a staging buffer and a
+    // nested submit on Vulkan (lavapipe's heap was corrupted with them)
+    ggml_backend_buffer_ptr sel_host;
     bool d2h_pending = false;  // evicted blocks on their way to the host store
 
     int64_t n_callbacks = 0;   // hand-overs to the cache during the compute (each stops the device queue)
