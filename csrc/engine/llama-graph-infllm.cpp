@@ -4,10 +4,14 @@
 #include "llama-infllm-hooks.h"
 #include "llama-kv-cache-infllm.h"
 
+#include "llama-arch.h"
 #include "llama-impl.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 
 //
 // llm_graph_input_attn_infllm
@@ -218,12 +222,111 @@ llm_graph_input_attn_infllm * llama_infllm_as_input(llm_graph_input_attn_kv * in
     return dynamic_cast<llm_graph_input_attn_infllm *>(inp);
 }
 
-// rotate rows of head vectors by `pos` (RoPE with the model's parameters; x is [d, n_head, n],
-// pos I32 [n]). Only the rotation: the magnitude scale (attn_factor) is already in keys and
-// queries that the model rotated, so re-rotating them must not apply it again.
-static ggml_tensor * infllm_rope(const llm_graph_context & g, ggml_tensor * x, ggml_tensor * pos) {
-    return ggml_rope_ext(g.ctx0, x, pos, nullptr, g.n_rot, g.rope_type, g.n_ctx_orig, g.freq_base, g.freq_scale,
-                         0.0f, 1.0f, g.beta_fast, g.beta_slow);
+//
+// how a layer positions its keys, read from the graph the model built (not from metadata)
+//
+
+// the RoPE of one layer, as the model applied it to K (and Q)
+struct infllm_rope_t {
+    bool          used = false;        // false: the layer's keys carry no position (no RoPE)
+    int32_t       n_dims = 0, mode = 0, n_ctx_orig = 0;
+    float         freq_base = 0, freq_scale = 0, ext_factor = 0, beta_fast = 0, beta_slow = 0;
+    float         unit_factor = 1.0f;  // the attn_factor that makes the rotation norm-preserving
+    ggml_tensor * freq_factors = nullptr;   // Llama 3's rope_freqs, Phi-3's long/short factors
+
+    bool same_rotation(const infllm_rope_t & o) const {
+        return used == o.used && n_dims == o.n_dims && mode == o.mode && n_ctx_orig == o.n_ctx_orig &&
+               freq_base == o.freq_base && freq_scale == o.freq_scale && ext_factor == o.ext_factor &&
+               beta_fast == o.beta_fast && beta_slow == o.beta_slow && freq_factors == o.freq_factors;
+    }
+};
+
+static void infllm_refuse(const llm_graph_context & g, const std::string & why) {
+    const std::string msg = std::string("InfLLM cache: ") + llm_arch_name(g.arch) + ": " + why;
+    llama_infllm_note_error(msg);   // llama.cpp logs exceptions from graph building and returns null
+    throw std::runtime_error(msg);
+}
+
+// t without the ops that only reshape it
+static const ggml_tensor * infllm_unview(const ggml_tensor * t) {
+    while (t != nullptr && (t->op == GGML_OP_RESHAPE || t->op == GGML_OP_CONT || t->op == GGML_OP_PERMUTE ||
+                            t->op == GGML_OP_TRANSPOSE ||
+                            (t->op == GGML_OP_VIEW && t->view_offs == 0 && ggml_nelements(t) == ggml_nelements(t->src[0])))) {
+        t = t->src[0];
+    }
+    return t;
+}
+
+// whether a RoPE lies between t and the projection that made it
+static bool infllm_rope_below(const ggml_tensor * t, int depth = 0) {
+    if (t == nullptr || depth > 16) {
+        return false;
+    }
+    if (t->op == GGML_OP_ROPE) {
+        return true;
+    }
+    if (t->op == GGML_OP_NONE || t->op == GGML_OP_MUL_MAT || t->op == GGML_OP_MUL_MAT_ID || t->op == GGML_OP_GET_ROWS) {
+        return false;
+    }
+    for (const ggml_tensor * s : t->src) {
+        if (infllm_rope_below(s, depth + 1)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// the RoPE that produced x (Q or K of layer il), or none; anything the cache cannot
+// re-position exactly is refused
+static infllm_rope_t infllm_rope_of(const llm_graph_context & g, const ggml_tensor * x, const char * what, bool allow_scale) {
+    const ggml_tensor * r = infllm_unview(x);
+    if (allow_scale && r->op == GGML_OP_SCALE) {   // a scalar commutes with the rotation
+        r = infllm_unview(r->src[0]);
+    }
+    infllm_rope_t out;
+    if (r->op != GGML_OP_ROPE) {
+        if (infllm_rope_below(r)) {
+            infllm_refuse(g, std::string(what) + " is transformed after its RoPE (" + ggml_op_desc(r) +
+                          "), so it cannot be re-positioned");
+        }
+        return out;   // no RoPE: the layer's keys are position-free
+    }
+    const int32_t * ip = (const int32_t *) r->op_params;
+    const float   * fp = (const float *)   r->op_params;
+    out.used       = true;
+    out.n_dims     = ip[1];
+    out.mode       = ip[2];
+    out.n_ctx_orig = ip[4];
+    out.freq_base  = fp[5];
+    out.freq_scale = fp[6];
+    out.ext_factor = fp[7];
+    out.beta_fast  = fp[9];
+    out.beta_slow  = fp[10];
+    out.freq_factors = r->src[2];
+    if (out.mode != 0 && out.mode != GGML_ROPE_TYPE_NEOX) {
+        infllm_refuse(g, std::string(what) + " uses a multi-section RoPE (mode " + std::to_string(out.mode) + ")");
+    }
+    if (ip[15] != 0) {
+        infllm_refuse(g, std::string(what) + "'s RoPE rotates dimensions at an offset");
+    }
+    const ggml_tensor * pos = r->src[1];
+    if (pos == nullptr || pos->op != GGML_OP_NONE || std::strcmp(pos->name, "inp_pos") != 0) {
+        infllm_refuse(g, std::string(what) + "'s RoPE positions are not the token positions");
+    }
+    // with YaRN's ramp (ext_factor != 0) ggml scales the rotated vector by
+    // attn_factor*(1 + 0.1*ln(1/freq_scale)); re-rotations must keep the norm
+    if (out.ext_factor != 0.0f && out.freq_scale > 0.0f) {
+        out.unit_factor = 1.0f/(1.0f + 0.1f*logf(1.0f/out.freq_scale));
+    }
+    return out;
+}
+
+// rotate rows of head vectors by `pos` with the layer's RoPE (x is [d, n_head, n], pos I32
+// [n]). Only the rotation: the magnitude scale (attn_factor) is already in the keys and
+// queries the model rotated, so re-rotating them must not apply it again.
+static ggml_tensor * infllm_rope(ggml_context * ctx, const infllm_rope_t & r, ggml_tensor * x, ggml_tensor * pos) {
+    return ggml_rope_ext(ctx, x, pos, r.freq_factors, r.n_dims, r.mode, r.n_ctx_orig, r.freq_base, r.freq_scale,
+                         r.ext_factor, r.unit_factor, r.beta_fast, r.beta_slow);
 }
 
 // a view of t that the graph computes after `deps`: an explicit edge, so that backends that
@@ -250,7 +353,14 @@ static ggml_tensor * infllm_rows_3d(ggml_context * ctx, ggml_tensor * t, int64_t
 static ggml_tensor * infllm_output(const llm_graph_context & g, ggml_tensor * cur,
                                    ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s, int il) {
     g.cb(cur, "kqv_out", il);
-    if (wo) {
+    if (wo && (g.arch == LLM_ARCH_GLM4 || g.arch == LLM_ARCH_GLM4_MOE || g.arch == LLM_ARCH_JAIS2)) {
+        // as stock: these models need F32 accumulation in the output projection
+        cur = g.build_lora_mm(wo, cur);
+        ggml_prec_set_acc(cur, GGML_PREC_F32);
+        if (wo_s) {
+            cur = ggml_mul(g.ctx0, cur, wo_s);
+        }
+    } else if (wo) {
         cur = g.build_lora_mm(wo, cur, wo_s);
     }
     if (wo_b) {
@@ -268,9 +378,20 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * q_cur,
         ggml_tensor * k_cur,
         ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
         float         kq_scale,
         int           il) {
     ggml_context * ctx0 = g.ctx0;
+    if (kq_b != nullptr || sinks != nullptr) {
+        infllm_refuse(g, kq_b ? "attention with a KQ bias is not supported" : "attention sinks are not supported");
+    }
+    // the layer's RoPE as the model applied it; Q must be rotated the same way (the cache
+    // rotates it to see memory keys)
+    const infllm_rope_t rope = infllm_rope_of(g, k_cur, "K", false);
+    if (!rope.same_rotation(infllm_rope_of(g, q_cur, "Q", true))) {
+        infllm_refuse(g, "Q and K of layer " + std::to_string(il) + " are not rotated alike");
+    }
     ggml_cgraph  * gf   = g.gf;
     const llama_kv_cache_infllm * c = inp->mctx_infllm->get_cache();
     const auto & p = c->params;
@@ -290,7 +411,7 @@ ggml_tensor * llama_infllm_build_attn(
     const int64_t n_mem  = infllm_n_mem(p, shape.memory, shape.n_sel);
     const int64_t m0     = c->n_mem_max - n_mem;       // first working-set row attended: the last n_sel slots
     const int64_t n_att  = llama_kv_cache_infllm::n_attended(n_mem, shape.n_ring);   // blocks, sinks, ring, padding
-    const bool    rotate = !p.absolute;                // memory keys are stored at position 0
+    const bool    rotate = !p.absolute && rope.used;   // memory keys are stored at position 0
 
     // K and V reach the cache as views of a fused QKV projection when no RoPE made them new
     // tensors (StarCoder, GPT-2): the ring writes and the selection read them as rows
@@ -332,7 +453,7 @@ ggml_tensor * llama_infllm_build_attn(
         vs_read = ggml_get_rows(ctx0, L.v_work, inp->sink_cells);
         ggml_tensor * ks = ks_read;
         if (rotate) {
-            ks = ggml_reshape_2d(ctx0, infllm_rope(g, ggml_reshape_3d(ctx0, ks, d_k, n_kv_h, p.n_init), inp->sink_pos),
+            ks = ggml_reshape_2d(ctx0, infllm_rope(ctx0, rope, ggml_reshape_3d(ctx0, ks, d_k, n_kv_h, p.n_init), inp->sink_pos),
                                  row_k, p.n_init);
         }
         k_sinks = ggml_cpy(ctx0, ks, L.k_sinks);
@@ -344,8 +465,10 @@ ggml_tensor * llama_infllm_build_attn(
         const int64_t n_rows = shape.n_ev*bs;
         k_read = ggml_get_rows(ctx0, L.k_work, inp->ev_cells);                               // F32 [row_k, n_rows]
         v_read = ggml_get_rows(ctx0, L.v_work, inp->ev_cells);
-        ggml_tensor * k0 = ggml_reshape_2d(ctx0,
-                infllm_rope(g, ggml_reshape_3d(ctx0, k_read, d_k, n_kv_h, n_rows), inp->ev_pos), row_k, n_rows);
+        // the keys at position 0 (representative keys are sums of these); a layer without RoPE
+        // stores its keys as they are
+        ggml_tensor * k0 = !rope.used ? k_read : ggml_reshape_2d(ctx0,
+                infllm_rope(ctx0, rope, ggml_reshape_3d(ctx0, k_read, d_k, n_kv_h, n_rows), inp->ev_pos), row_k, n_rows);
         ggml_tensor * ks = rotate ? k0 : k_read;   // the stored form
         if (c->resident) {
             k_pool = ggml_set_rows(ctx0, L.k_pool, ks, inp->ev_dst);
@@ -390,7 +513,7 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * qs = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 1, 2, 0, 3));    // [n_q, d_k, n_head]
         qs = ggml_reshape_3d(ctx0, ggml_sum_rows(ctx0, qs), d_k, n_head, 1);
         if (rotate) {
-            qs = infllm_rope(g, qs, inp->sel_pos);
+            qs = infllm_rope(ctx0, rope, qs, inp->sel_pos);
         }
         qs = ggml_reshape_3d(ctx0, qs, d_k, n_gqa, n_kv_h);
         qs = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, qs, 1, 0, 2, 3)));  // [1, d_k, n_kv_h]
@@ -424,7 +547,7 @@ ggml_tensor * llama_infllm_build_attn(
         llama_infllm_attn_memory mem = {};
         if (shape.memory) {
             // the query as it sees memory keys stored at position 0
-            ggml_tensor * q_mem = rotate ? infllm_rope(g, q_cur, inp->sel_pos) : q_cur;
+            ggml_tensor * q_mem = rotate ? infllm_rope(ctx0, rope, q_cur, inp->sel_pos) : q_cur;
             mem = {q_mem, k_pool, v_pool, slots, k_sinks, v_sinks, (int) bs};
         }
         const int n_chunks = (int) std::clamp<int64_t>(n_att/256, 1, 32);
@@ -445,7 +568,7 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * vb = ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, v_pool, row_v*bs, n_slots), slots);
         kb = ggml_reshape_3d(ctx0, kb, d_k, n_kv_h, n_blk_rows);
         if (rotate) {
-            kb = infllm_rope(g, kb, ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
+            kb = infllm_rope(ctx0, rope, kb, ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
         }
         k_mem_w[0] = ggml_cpy(ctx0, kb, infllm_rows_3d(ctx0, L.k_work, d_k, m0, n_blk_rows));
         v_mem_w[0] = ggml_cpy(ctx0, ggml_reshape_3d(ctx0, vb, d_v, n_kv_h, n_blk_rows),
@@ -455,7 +578,7 @@ ggml_tensor * llama_infllm_build_attn(
         const int64_t r0 = c->n_mem_max - p.n_init;
         ggml_tensor * ks = infllm_rows_3d(ctx0, k_sinks, d_k, 0, p.n_init);
         if (rotate) {
-            ks = infllm_rope(g, ks, ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
+            ks = infllm_rope(ctx0, rope, ks, ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
         }
         k_mem_w[1] = ggml_cpy(ctx0, ks, infllm_rows_3d(ctx0, L.k_work, d_k, r0, p.n_init));
         v_mem_w[1] = ggml_cpy(ctx0, infllm_rows_3d(ctx0, v_sinks, d_v, 0, p.n_init),

@@ -29,6 +29,8 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * q_cur,
         ggml_tensor * k_cur,
         ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
         float         kq_scale,
         int           il);
 

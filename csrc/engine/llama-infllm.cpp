@@ -82,20 +82,16 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     if (hp.use_alibi || hp.attn_soft_cap) {
         refuse("ALiBi and attention logit soft-capping are not supported");
     }
-    if (hp.rope_scaling_type_train == LLAMA_ROPE_SCALING_TYPE_YARN || cparams.yarn_ext_factor > 0.0f) {
-        refuse("YaRN RoPE scaling is not supported");
+    if (hp.n_pos_per_embd() != 1) {
+        refuse("the model must use one position per token (multi-section RoPE is not supported)");
     }
-    if ((hp.rope_type != LLAMA_ROPE_TYPE_NORM && hp.rope_type != LLAMA_ROPE_TYPE_NEOX) || hp.n_pos_per_embd() != 1) {
-        refuse("the model must use plain RoPE positions");
+    if (model.arch == LLM_ARCH_GROK) {
+        refuse("Grok's tanh logit cap is not supported");
     }
+    // RoPE itself (type, frequency factors, YaRN, layers without it) is checked on the graph
+    // when it is built (llama-graph-infllm.cpp)
     if (hp.is_n_embd_k_gqa_variable() || hp.is_n_embd_v_gqa_variable()) {
         refuse("layers with different K/V sizes are not supported");
-    }
-    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
-        const auto & layer = model.layers[il];
-        if (layer.rope_freqs || layer.rope_long || layer.rope_short) {
-            refuse("RoPE frequency factors are not supported");
-        }
     }
     if (cparams.n_seq_max > 1) {
         refuse("n_seq_max > 1 is not supported (single sequence)");
@@ -112,6 +108,12 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
 }
 
 } // namespace
+
+void llama_infllm_note_error(const std::string & msg) {
+    if (g_pending != nullptr && g_pending->error.empty()) {
+        g_pending->error = msg;
+    }
+}
 
 llama_memory_i * llama_infllm_create_memory(const llama_model & model, const llama_memory_params & params,
                                             const llama_cparams & cparams) {

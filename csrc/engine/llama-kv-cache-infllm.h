@@ -239,3 +239,8 @@ private:
     std::vector<llama_ubatch> ubatches;
     size_t i_next = 0;
 };
+
+// while llama_init_from_model_infllm creates a context on this thread: keep the first reason a
+// part of the engine refused the model (llama.cpp logs exceptions from graph building and
+// returns null, so the caller would not see it); no-op otherwise
+void llama_infllm_note_error(const std::string & msg);
