@@ -24,7 +24,8 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def check_host_kv(info: ModelInfo, n_ctx: int, *, kv: str, kv_on_host: bool) -> None:
+def check_host_kv(info: ModelInfo, n_ctx: int, *, kv: str, kv_on_host: bool,
+                  type_k: str = "f16", type_v: str = "f16") -> None:
     """Raise ``ValueError`` when the KV cache of ``n_ctx`` tokens cannot fit in host memory.
 
     kv="full": the stock cache allocates all of n_ctx up front; it is checked when its K/V
@@ -38,7 +39,7 @@ def check_host_kv(info: ModelInfo, n_ctx: int, *, kv: str, kv_on_host: bool) -> 
     avail = available_memory()
     if avail is None:
         return
-    need = info.kv_bytes_per_token() * n_ctx
+    need = info.kv_bytes_per_token(type_k, type_v) * n_ctx
     if need <= avail:
         return
     what = ("the stock KV cache (allocated up front)" if kv == "full"

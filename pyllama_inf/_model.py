@@ -6,6 +6,7 @@ import operator
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -16,7 +17,7 @@ from ._devices import check_rpc_servers, parse_rpc_servers
 from ._memory import check_host_kv
 from .config import InfLLMConfig, parse_bytes
 from .errors import ModelClosedError, PyllamaError
-from .gguf_info import check_gguf
+from .gguf_info import _row_bytes, check_gguf
 from ._text import TextAssembler
 
 KV_MODES = ("full", "infllm")
@@ -73,7 +74,8 @@ class InfLLMStats:
     """Counters of the InfLLM cache.
 
     n_blocks: complete blocks that left the local window (the memory);
-    n_blocks_max: block capacity (n_ctx after the sinks, in blocks);
+    n_blocks_max: block capacity: the blocks that can ever leave the window of an n_ctx
+        context, (n_ctx - 1 - n_local - n_init) // block_size;
     selections: (ubatch, layer) top-k selections made over at least one memory block;
     n_ring: cells of the local window ring per layer;
     n_pool: device block slots per layer: every block when ``resident``, else what
@@ -219,6 +221,38 @@ def _encode(text, name: str) -> bytes:
         raise ValueError(f"{name} is not valid Unicode text: {e.reason} at index {e.start}") from None
 
 
+#: K/V cache types, by their ggml names (llama.cpp's ``--cache-type-k`` / ``--cache-type-v``)
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+_UNQUANTIZED = ("f32", "f16", "bf16")
+
+
+def _check_cache_type(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {CACHE_TYPES}")
+    if value.lower() not in CACHE_TYPES:
+        raise ValueError(f"{name} must be one of {CACHE_TYPES}, got {value!r}")
+    return value.lower()
+
+
+def _warn_past_training(cfg: InfLLMConfig, n_ctx: int, n_ubatch: int, n_ctx_train: int) -> None:
+    """Warn when the InfLLM cache makes the model see distances it was not trained on.
+
+    With positions="infllm" a query sees keys at most n_local + block_size + n_ubatch
+    positions away (the window, the block being filled, the chunk); with "absolute" it
+    sees the true distances, up to n_ctx.
+    """
+    if n_ctx_train <= 0:
+        return
+    if cfg.positions == "absolute":
+        span, what = n_ctx, "n_ctx"
+    else:
+        span, what = cfg.n_local + cfg.block_size + n_ubatch, "n_local + block_size + n_ubatch"
+    if span > n_ctx_train:
+        warnings.warn(f"InfLLM cache: {what} = {span} is more than the model's trained context "
+                      f"({n_ctx_train} tokens): it will see distances it was not trained on",
+                      RuntimeWarning, stacklevel=3)
+
+
 class Model:
     """A GGUF model loaded with llama.cpp, with one context of ``n_ctx`` tokens.
 
@@ -244,7 +278,8 @@ class Model:
     kv: ``"full"`` is llama.cpp's stock KV cache; ``"infllm"`` is the block-retrieval cache:
         each query attends to the first n_init tokens, the top-k most relevant past blocks
         and the local window (see :class:`InfLLMConfig`). It serves one sequence of plain
-        RoPE attention (no SWA, MLA, YaRN, recurrent layers) and ignores ``flash_attn``.
+        RoPE attention (no SWA, MLA, recurrent layers; README, "Model families") and ignores
+        ``flash_attn``.
     kv_budget: device byte budget of the InfLLM cache (int or "256MiB"; kv="infllm" only).
         A budget that holds every block of n_ctx keeps them all on the device ("resident":
         no host store, no transfers). A smaller one must hold the local window, the sinks,
@@ -256,6 +291,13 @@ class Model:
         ``ValueError`` at load when n_ctx would need more. None: unbounded.
     infllm: an :class:`InfLLMConfig` (default: ``InfLLMConfig()``); only with kv="infllm".
     seed: default sampling seed (None: a random one per generation).
+    type_k / type_v: K and V cache types, by ggml name (one of :data:`CACHE_TYPES`, as
+        llama.cpp's ``--cache-type-k`` / ``--cache-type-v``). ``"q8_0"`` halves the cache's
+        memory (34 bytes per 32 values); a quantized V cache needs flash attention (not
+        flash_attn=False). The InfLLM cache stores f16, f32, q8_0 and q4_0 (other types raise
+        ``UnsupportedError``); its CPU decode kernel reads f16 and q8_0 rows (q4_0 decodes
+        with ggml's flash attention). Heads must hold whole blocks of 32 values
+        (``ValueError`` otherwise).
 
     A context whose KV cache cannot fit in host memory (the stock cache when its K/V live in
     host memory; the InfLLM host store at a full context) raises ``ValueError`` before
@@ -270,7 +312,8 @@ class Model:
                  n_batch: int = 2048, n_ubatch: int = 512,
                  flash_attn: Optional[bool] = None, offload_kqv: bool = True, kv: str = "full",
                  kv_budget: Union[int, str, None] = None, infllm: Optional[InfLLMConfig] = None,
-                 host_budget: Union[int, str, None] = None, seed: Optional[int] = None) -> None:
+                 host_budget: Union[int, str, None] = None, seed: Optional[int] = None,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         self._session = None
         self._lock = threading.RLock()
         path = _check_path(path)
@@ -288,6 +331,11 @@ class Model:
         if not isinstance(offload_kqv, bool):
             raise TypeError("offload_kqv must be True or False")
         params.offload_kqv = offload_kqv
+        params.type_k = _check_cache_type("type_k", type_k)
+        params.type_v = _check_cache_type("type_v", type_v)
+        if params.type_v not in _UNQUANTIZED and flash_attn is False:
+            raise ValueError(f"type_v = {type_v!r} (a quantized V cache) needs flash attention: "
+                             "flash_attn=False cannot be used with it")
         if kv not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
         budget = parse_bytes(kv_budget, name="kv_budget")
@@ -323,12 +371,19 @@ class Model:
         self.host_budget = host
         self.path = path
         info = check_gguf(path)
+        # a quantized type packs 32 values per block: each head's row must hold whole blocks
+        # (llama.cpp would abort on a view of part of a block)
+        _row_bytes(params.type_k, info.head_dim, "type_k")
+        _row_bytes(params.type_v, info.head_dim_v, "type_v")
         params.rpc_servers = check_rpc_servers(rpc_servers)
         n_devices = len(parse_rpc_servers(rpc_servers)) if rpc_servers else _core.n_gpu_devices()
         kv_on_host = n_gpu_layers == 0 or not offload_kqv or n_devices == 0
-        check_host_kv(info, params.n_ctx, kv=kv, kv_on_host=kv_on_host)
+        check_host_kv(info, params.n_ctx, kv=kv, kv_on_host=kv_on_host, type_k=params.type_k, type_v=params.type_v)
         self.rpc_servers = params.rpc_servers or None
+        self.type_k, self.type_v = params.type_k, params.type_v
         self._session = _core.Session(params)
+        if kv == "infllm":
+            _warn_past_training(infllm, params.n_ctx, params.n_ubatch, self._session.n_ctx_train)
 
     # -- lifetime ----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from ._model import Model
+from ._model import CACHE_TYPES, Model
 from .config import InfLLMConfig
 from .errors import PyllamaError
 from .gguf_info import inspect
@@ -44,6 +44,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
                    help="run the offloaded layers on llama.cpp rpc-server(s) instead of local GPUs")
     p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
     p.add_argument("--kv", choices=("full", "infllm"), default="full", help="KV cache type")
+    p.add_argument("-ctk", "--cache-type-k", choices=CACHE_TYPES, default="f16", help="K cache type (default f16)")
+    p.add_argument("-ctv", "--cache-type-v", choices=CACHE_TYPES, default="f16",
+                   help="V cache type (default f16; a quantized one needs flash attention)")
     g = p.add_argument_group("InfLLM cache (--kv infllm)")
     _add_infllm_args(g)
     g.add_argument("--kv-budget", default=None,
@@ -115,7 +118,7 @@ def _model_from_args(args, path: str) -> Model:
         extra = dict(kv_budget=_size(args.kv_budget), host_budget=_size(args.host_budget))
     return Model(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                  main_gpu=args.main_gpu, rpc_servers=args.rpc, flash_attn=fa, kv=args.kv, infllm=infllm,
-                 seed=args.seed, **extra)
+                 seed=args.seed, type_k=args.cache_type_k, type_v=args.cache_type_v, **extra)
 
 
 def _size(text):

@@ -264,7 +264,7 @@ _F32 = gguf.GGUFValueType.FLOAT32
 
 
 def write_random_llama(path: PathLike, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-                       n_head_kv: int = 2, n_ff: int = 128, n_ctx_train: int = 2048,
+                       n_head_kv: int = 2, n_ff: int = 128, n_ctx_train: int = 8192,
                        rope_theta: float = 10000.0, seed: int = 0, dtype: str = "f32",
                        **extra_kv: Any) -> pathlib.Path:
     """Write a small random-weight GGUF model of architecture ``llama`` to ``path``.

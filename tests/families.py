@@ -17,6 +17,8 @@ in ``vendor/llama.cpp/src/models/<arch>.cpp`` read):
 ==================  ===========================================================
 llama               plain llama (NORM rope, GQA)
 llama-rope-freqs    llama + ``rope_freqs.weight`` (Llama 3.1-style frequency factors)
+llama-yarn          llama + YaRN scaling (factor 4 over 1024 trained positions) and
+                    ``rope.scaling.attn_factor`` 0.8
 qwen2               NEOX rope, q/k/v biases
 qwen3               NEOX rope, per-head q/k RMS norms, head_dim 32 != n_embd/n_head
 phi2                partial NEOX rope (8 of 16 dims), fused QKV with bias, LayerNorm
@@ -75,6 +77,7 @@ class Family:
 FAMILIES: Dict[str, Family] = {
     "llama": Family("llama", note="plain llama"),
     "llama-rope-freqs": Family("llama", note="rope_freqs.weight factors 1..8 (Llama 3.1)"),
+    "llama-yarn": Family("llama", note="YaRN factor 4 over 1024 positions, attn_factor 0.8"),
     "qwen2": Family("qwen2", note="NEOX rope, q/k/v biases"),
     "qwen3": Family("qwen3", head_dim=32, note="per-head q/k norms, head_dim 32"),
     "phi2": Family("phi2", n_rot=8, note="partial rotary 8/16, fused qkv, parallel attn/ffn"),
@@ -202,6 +205,13 @@ def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 
             # src/models/granite.cpp: rope.scaling.finetuned (default true) switches rope
             # on or off for every layer (hparams.rope_pattern)
             put("granite.rope.scaling.finetuned", False, _BOOL)
+    if family == "llama-yarn":
+        # src/llama-model.cpp: rope.scaling.type selects YaRN, the factor sets
+        # freq_scale = 1/factor; attn_factor multiplies YaRN's magnitude scale
+        put("llama.rope.scaling.type", "yarn", _STR)
+        put("llama.rope.scaling.factor", 4.0, _F32V)
+        put("llama.rope.scaling.original_context_length", 1024, _U32)
+        put("llama.rope.scaling.attn_factor", 0.8, _F32V)
     if arch == "qwen3moe":
         put("qwen3moe.expert_count", N_EXPERT, _U32)
         put("qwen3moe.expert_used_count", N_EXPERT_USED, _U32)

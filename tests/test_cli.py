@@ -41,11 +41,11 @@ def test_errors_exit_non_zero_with_a_message(tmp_path, capsys):
 
 def test_unsupported_config_is_refused_clearly(tmp_path, capsys):
     from pyllama_inf.testing import write_random_llama
-    yarn = write_random_llama(tmp_path / "yarn.gguf", **{"llama.rope.scaling.type": "yarn",
-                                                          "llama.rope.scaling.factor": 4.0,
-                                                          "llama.rope.scaling.original_context_length": 512})
-    assert main(["generate", "-m", str(yarn), "-p", "x", "--kv", "infllm", "--ctx", "256"]) == 1
-    assert "YaRN" in capsys.readouterr().err
+    hd32 = write_random_llama(tmp_path / "hd32.gguf", n_head=2, n_head_kv=2)   # heads of 32 values
+    # the InfLLM cache stores f16, f32, q8_0 or q4_0; q5_0 is a stock cache type it refuses
+    assert main(["generate", "-m", str(hd32), "-p", "x", "--kv", "infllm", "--ctx", "256",
+                 "-ctk", "q5_0"]) == 1
+    assert "K cache type q5_0 is not supported" in capsys.readouterr().err
 
 
 def test_console_script_runs_as_a_module(tiny_model):

@@ -152,7 +152,8 @@ def test_stats_follow_the_window(smollm2):
     assert s.kv == "infllm" and s.n_tokens == 1000
     # last chunk starts at 896: window start 896 - 256 = 640 -> 64 + 9*64, so 9 memory blocks
     assert s.infllm.n_blocks == (896 - 256 - 64) // 64
-    assert s.infllm.n_blocks_max == (2048 - 64 + 63) // 64
+    # capacity: the blocks that can leave the window, whose last token (2047) keeps 256 + 64
+    assert s.infllm.n_blocks_max == (2047 - 256 - 64) // 64
     inf = s.infllm
     # no budget: every block has a device slot, nothing goes through the host, and the cache
     # never interrupts a graph
@@ -167,12 +168,19 @@ def test_stats_follow_the_window(smollm2):
 
 def test_unsupported_models_and_configs_are_refused(tmp_path):
     from pyllama_inf.testing import write_random_llama
-    yarn = write_random_llama(tmp_path / "yarn.gguf", **{"llama.rope.scaling.type": "yarn",
-                                                          "llama.rope.scaling.factor": 4.0,
-                                                          "llama.rope.scaling.original_context_length": 512})
-    with pytest.raises(pi.UnsupportedError, match="YaRN"):
-        pi.Model(yarn, n_ctx=256, n_threads=1, kv="infllm")
-    ok = write_random_llama(tmp_path / "ok.gguf")
+    ok = write_random_llama(tmp_path / "ok.gguf")                                # heads of 16 values
+    hd32 = write_random_llama(tmp_path / "hd32.gguf", n_head=2, n_head_kv=2)   # heads of 32 values
+    # model families: tests/test_families.py; here a cache type the InfLLM cache does not store
+    with pytest.raises(pi.UnsupportedError, match="V cache type q5_1 is not supported"):
+        pi.Model(hd32, n_ctx=256, n_threads=1, kv="infllm", type_v="q5_1")
+    # a quantized type packs 32 values per block: a 16-value head cannot hold one (both caches)
+    for kv in ("full", "infllm"):
+        with pytest.raises(ValueError, match="does not divide a row of 16"):
+            pi.Model(ok, n_ctx=256, n_threads=1, kv=kv, type_k="q8_0")
+    with pytest.raises(ValueError, match="type_k must be one of"):
+        pi.Model(ok, n_ctx=256, n_threads=1, type_k="q3_k")
+    with pytest.raises(ValueError, match="needs flash attention"):
+        pi.Model(hd32, n_ctx=256, n_threads=1, type_v="q8_0", flash_attn=False)
     with pytest.raises(ValueError):
         pi.InfLLMConfig(block_size=0)
     with pytest.raises(ValueError):

@@ -56,7 +56,7 @@ def test_device_bytes_stay_within_the_budget(tiny_model, n_ctx):
     assert s.budget_bytes == budget == inf.budget_bytes
     assert s.device_bytes == inf.device_bytes <= budget
     # the leftover bought pool slots: every block (resident), or a part of them
-    blocks = (n_ctx - 16 + 15) // 16
+    blocks = (n_ctx - 1 - 128 - 16) // 16   # can leave the window: the last token's keeps n_local + n_init
     assert inf.resident == (inf.n_pool == blocks) and 4 <= inf.n_pool <= blocks
     assert inf.resident == (n_ctx == 1024)
     assert inf.pool_bytes > 0 and inf.device_bytes >= inf.work_bytes + inf.pool_bytes + inf.repr_bytes
@@ -82,7 +82,9 @@ def test_offload_does_not_change_results(smollm2, prompt_ids, positions):
 def test_window_moves_cost_no_transfer_once_blocks_are_on_the_device(smollm2, prompt_ids):
     """Blocks are stored position-independent: with a pool holding every block, decoding across
     several window moves selects from the pool and moves nothing between host and device."""
-    cfg = dataclasses.replace(SMALL, cache_blocks=(2048 - 64) // 64 - 1)    # offload, but nearly all
+    # offload, but nearly all of the blocks that can leave the window (the last token's window
+    # keeps n_local + n_init positions)
+    cfg = dataclasses.replace(SMALL, cache_blocks=(2048 - 1 - 256 - 64) // 64 - 1)
     with pi.Model(smollm2, n_ctx=2048, n_threads=2, kv="infllm", infllm=cfg) as m:
         m.logits(prompt_ids, last_n=1)
         out = m.generate(m.detokenize(prompt_ids[:1200]), max_tokens=4, temperature=0)
@@ -131,7 +133,7 @@ def test_host_store_grows_with_the_evicted_tokens(tiny_model):
 
 def test_cache_blocks_sizes_the_pool_without_a_budget(tiny_model):
     cfg = pi.InfLLMConfig(n_local=128, n_init=16, block_size=16, topk=4)
-    blocks = (1024 - 16 + 15) // 16
+    blocks = (1024 - 1 - 128 - 16) // 16    # can leave the window: the last token's keeps n_local + n_init
     for cache_blocks, want, resident in ((None, blocks, True), (4, 4, False), (10, 10, False),
                                          (10 ** 6, blocks, True)):
         with pi.Model(tiny_model, n_ctx=1024, n_threads=1, kv="infllm",

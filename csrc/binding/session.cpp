@@ -51,11 +51,23 @@ struct session_params {
     int32_t  n_threads    = 1;
     int32_t  flash_attn   = -1;   // -1 auto, 0 off, 1 on
     bool     offload_kqv  = true; // stock cache: K/V (and attention) on the layers' device
+    std::string type_k    = "f16"; // K/V cache types by ggml name (checked by pyllama_inf._model)
+    std::string type_v    = "f16";
 
     // InfLLM cache (kv="infllm")
     bool     infllm       = false;
     llama_infllm_params iparams = llama_infllm_default_params();
 };
+
+// a K/V cache type by its ggml name ("f16", "q8_0", ...)
+static ggml_type cache_type(const std::string & name, const char * what) {
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        if (ggml_type_size((ggml_type) t) > 0 && name == ggml_type_name((ggml_type) t)) {
+            return (ggml_type) t;
+        }
+    }
+    throw py::value_error(std::string(what) + ": unknown cache type '" + name + "'");
+}
 
 struct sampling_params {
     int32_t  max_tokens  = 128;
@@ -270,6 +282,8 @@ session::session(const session_params & params) {
         cparams.n_threads_batch = params.n_threads;
         cparams.flash_attn_type = (llama_flash_attn_type) params.flash_attn;
         cparams.offload_kqv     = params.offload_kqv;
+        cparams.type_k          = cache_type(params.type_k, "type_k");
+        cparams.type_v          = cache_type(params.type_v, "type_v");
         cparams.no_perf         = true;
         cparams.abort_callback      = &session::abort_check;
         cparams.abort_callback_data = this;
@@ -609,6 +623,8 @@ void register_session(py::module_ & m) {
         .def_readwrite("main_gpu",     &session_params::main_gpu)
         .def_readwrite("rpc_servers",  &session_params::rpc_servers, "host:port,... (checked by pyllama_inf._devices)")
         .def_readwrite("offload_kqv", &session_params::offload_kqv)
+        .def_readwrite("type_k",       &session_params::type_k, "K cache type (ggml name)")
+        .def_readwrite("type_v",       &session_params::type_v, "V cache type (ggml name)")
         .def_readwrite("n_ctx",        &session_params::n_ctx)
         .def_readwrite("n_batch",      &session_params::n_batch)
         .def_readwrite("n_ubatch",     &session_params::n_ubatch)

@@ -421,7 +421,19 @@ ggml_tensor * llama_infllm_build_attn(
     if (!ggml_is_contiguous(v_cur)) {
         v_cur = ggml_cont(ctx0, v_cur);
     }
-    ggml_build_forward_expand(gf, q_cur);
+    // quantized K/V: as llama.cpp's cache, keys and queries (and values, the output undoing it)
+    // are turned by an orthonormal Hadamard matrix before the rows are quantized, which spreads
+    // outliers over the block. Everything the attention reads is in that basis; RoPE does not
+    // commute with it, so a re-positioning turns keys back first. The selection works on the
+    // model's own Q and K (representative keys are sums of plain keys).
+    auto hk = [&](ggml_tensor * x) { return c->k_rot ? llama_mul_mat_hadamard(ctx0, x, c->k_rot) : x; };
+    auto hv = [&](ggml_tensor * x) { return c->v_rot ? llama_mul_mat_hadamard(ctx0, x, c->v_rot) : x; };
+    // re-position keys in the rotated basis: out of it, RoPE by pos, back into it
+    auto reposition = [&](ggml_tensor * x, ggml_tensor * pos) { return hk(infllm_rope(ctx0, rope, hk(x), pos)); };
+    ggml_tensor * q_att = hk(q_cur);   // the query the attention uses
+    k_cur = hk(k_cur);
+    v_cur = hv(v_cur);
+    ggml_build_forward_expand(gf, q_att);
     ggml_build_forward_expand(gf, v_cur);
     ggml_build_forward_expand(gf, k_cur);
 
@@ -453,7 +465,7 @@ ggml_tensor * llama_infllm_build_attn(
         vs_read = ggml_get_rows(ctx0, L.v_work, inp->sink_cells);
         ggml_tensor * ks = ks_read;
         if (rotate) {
-            ks = ggml_reshape_2d(ctx0, infllm_rope(ctx0, rope, ggml_reshape_3d(ctx0, ks, d_k, n_kv_h, p.n_init), inp->sink_pos),
+            ks = ggml_reshape_2d(ctx0, reposition(ggml_reshape_3d(ctx0, ks, d_k, n_kv_h, p.n_init), inp->sink_pos),
                                  row_k, p.n_init);
         }
         k_sinks = ggml_cpy(ctx0, ks, L.k_sinks);
@@ -467,9 +479,10 @@ ggml_tensor * llama_infllm_build_attn(
         v_read = ggml_get_rows(ctx0, L.v_work, inp->ev_cells);
         // the keys at position 0 (representative keys are sums of these); a layer without RoPE
         // stores its keys as they are
-        ggml_tensor * k0 = !rope.used ? k_read : ggml_reshape_2d(ctx0,
-                infllm_rope(ctx0, rope, ggml_reshape_3d(ctx0, k_read, d_k, n_kv_h, n_rows), inp->ev_pos), row_k, n_rows);
-        ggml_tensor * ks = rotate ? k0 : k_read;   // the stored form
+        ggml_tensor * k_plain = hk(k_read);
+        ggml_tensor * k0 = !rope.used ? k_plain : ggml_reshape_2d(ctx0,
+                infllm_rope(ctx0, rope, ggml_reshape_3d(ctx0, k_plain, d_k, n_kv_h, n_rows), inp->ev_pos), row_k, n_rows);
+        ggml_tensor * ks = rotate ? hk(k0) : k_read;   // the stored form
         if (c->resident) {
             k_pool = ggml_set_rows(ctx0, L.k_pool, ks, inp->ev_dst);
             v_pool = ggml_set_rows(ctx0, L.v_pool, v_read, inp->ev_dst);
@@ -540,22 +553,22 @@ ggml_tensor * llama_infllm_build_attn(
     // attention: one softmax over the picked blocks, the sinks and the window
     //
 
-    if (n_q == 1 && c->one_query_kernel && ggml_is_contiguous(q_cur) && q_cur->type == GGML_TYPE_F32) {
+    if (n_q == 1 && c->one_query_kernel && ggml_is_contiguous(q_att) && q_att->type == GGML_TYPE_F32) {
         // decode step on the CPU backend: our single-query kernel reads the blocks in the pool
         // and the sinks where they are stored, with the query rotated to see them, and the ring
         // (llama-infllm-attn-cpu.h); nothing is gathered or rotated per step
         llama_infllm_attn_memory mem = {};
         if (shape.memory) {
             // the query as it sees memory keys stored at position 0
-            ggml_tensor * q_mem = rotate ? infllm_rope(ctx0, rope, q_cur, inp->sel_pos) : q_cur;
+            ggml_tensor * q_mem = hk(rotate ? infllm_rope(ctx0, rope, q_cur, inp->sel_pos) : q_cur);
             mem = {q_mem, k_pool, v_pool, slots, k_sinks, v_sinks, (int) bs};
         }
         const int n_chunks = (int) std::clamp<int64_t>(n_att/256, 1, 32);
-        ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_cur,
+        ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_att,
                 infllm_rows_3d(ctx0, k_ring, d_k, c->n_mem_max, n_att - n_mem),
                 infllm_rows_3d(ctx0, v_ring, d_v, c->n_mem_max, n_att - n_mem),
                 shape.memory ? &mem : nullptr, inp->kq_mask, kq_scale, n_chunks);
-        return infllm_output(g, out, wo, wo_b, wo_s, il);
+        return infllm_output(g, hv(out), wo, wo_b, wo_s, il);
     }
 
     // flash attention needs its rows in one tensor: the picked blocks and the sinks are copied
@@ -568,7 +581,7 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * vb = ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, v_pool, row_v*bs, n_slots), slots);
         kb = ggml_reshape_3d(ctx0, kb, d_k, n_kv_h, n_blk_rows);
         if (rotate) {
-            kb = infllm_rope(ctx0, rope, kb, ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
+            kb = reposition(kb, ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
         }
         k_mem_w[0] = ggml_cpy(ctx0, kb, infllm_rows_3d(ctx0, L.k_work, d_k, m0, n_blk_rows));
         v_mem_w[0] = ggml_cpy(ctx0, ggml_reshape_3d(ctx0, vb, d_v, n_kv_h, n_blk_rows),
@@ -578,7 +591,7 @@ ggml_tensor * llama_infllm_build_attn(
         const int64_t r0 = c->n_mem_max - p.n_init;
         ggml_tensor * ks = infllm_rows_3d(ctx0, k_sinks, d_k, 0, p.n_init);
         if (rotate) {
-            ks = infllm_rope(ctx0, rope, ks, ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
+            ks = reposition(ks, ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
         }
         k_mem_w[1] = ggml_cpy(ctx0, ks, infllm_rows_3d(ctx0, L.k_work, d_k, r0, p.n_init));
         v_mem_w[1] = ggml_cpy(ctx0, infllm_rows_3d(ctx0, v_sinks, d_v, 0, p.n_init),
@@ -589,9 +602,9 @@ ggml_tensor * llama_infllm_build_attn(
 
     ggml_tensor * k = infllm_rows_3d(ctx0, k_att, d_k, m0, n_att);    // [d_k, n_kv_h, n_att]
     ggml_tensor * v = infllm_rows_3d(ctx0, v_att, d_v, m0, n_att);
-    ggml_tensor * q = ggml_permute(ctx0, q_cur, 0, 2, 1, 3);          // [d_k, n_q, n_head]
+    ggml_tensor * q = ggml_permute(ctx0, q_att, 0, 2, 1, 3);          // [d_k, n_q, n_head]
     ggml_tensor * fa = ggml_flash_attn_ext(ctx0, q, ggml_permute(ctx0, k, 0, 2, 1, 3), ggml_permute(ctx0, v, 0, 2, 1, 3),
                                            inp->kq_mask, kq_scale, 0.0f, 0.0f);
     ggml_prec_set_acc(fa, GGML_PREC_F32);
-    return infllm_output(g, ggml_reshape_2d(ctx0, fa, d_v*n_head, n_q), wo, wo_b, wo_s, il);
+    return infllm_output(g, hv(ggml_reshape_2d(ctx0, fa, d_v*n_head, n_q)), wo, wo_b, wo_s, il);
 }

@@ -38,7 +38,33 @@ struct rows {
     int64_t      n_kv_head;
     int          n_gqa;      // query heads per KV head
     int64_t      d;
+    ggml_type    type;       // F16 or Q8_0
 };
+
+// q8_0 as ggml stores it: 32 values per block, an f16 scale then 32 int8
+constexpr int    Q8_BLOCK = 32;
+constexpr size_t Q8_BYTES = sizeof(ggml_fp16_t) + Q8_BLOCK;
+
+inline float q8_scale(const char * block) {
+    ggml_fp16_t d;
+    std::memcpy(&d, block, sizeof(d));
+    return ggml_fp16_to_fp32(d);
+}
+
+// one head's d values of a row, as f32
+inline void row_to_f32(const rows & r, const char * src, float * out) {
+    if (r.type == GGML_TYPE_F16) {
+        ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, out, r.d);
+        return;
+    }
+    for (int64_t b = 0; b < r.d/Q8_BLOCK; ++b, src += Q8_BYTES) {
+        const float dq = q8_scale(src);
+        const int8_t * qs = (const int8_t *) (src + sizeof(ggml_fp16_t));
+        for (int i = 0; i < Q8_BLOCK; ++i) {
+            out[b*Q8_BLOCK + i] = dq*qs[i];
+        }
+    }
+}
 
 // s[hq*TILE + j] = q_hq . k_{hq/n_gqa}(cells[j]) for every query head hq (q: [d, n_head] contiguous)
 using scores_fn = void (*)(const float * q, const rows & k, const int64_t * cells, int n, float * s);
@@ -49,7 +75,7 @@ void scores_generic(const float * q, const rows & k, const int64_t * cells, int 
     std::vector<float> row(k.d);
     for (int j = 0; j < n; ++j) {
         for (int64_t h = 0; h < k.n_kv_head; ++h) {
-            ggml_fp16_to_fp32_row((const ggml_fp16_t *) (k.data + cells[j]*k.row + h*k.head), row.data(), k.d);
+            row_to_f32(k, k.data + cells[j]*k.row + h*k.head, row.data());
             for (int64_t hq = h*k.n_gqa; hq < (h + 1)*k.n_gqa; ++hq) {
                 float sum = 0.0f;
                 for (int64_t i = 0; i < k.d; ++i) {
@@ -65,7 +91,7 @@ void accum_generic(const float * p, const rows & v, const int64_t * cells, int n
     std::vector<float> row(v.d);
     for (int j = 0; j < n; ++j) {
         for (int64_t h = 0; h < v.n_kv_head; ++h) {
-            ggml_fp16_to_fp32_row((const ggml_fp16_t *) (v.data + cells[j]*v.row + h*v.head), row.data(), v.d);
+            row_to_f32(v, v.data + cells[j]*v.row + h*v.head, row.data());
             for (int64_t hq = h*v.n_gqa; hq < (h + 1)*v.n_gqa; ++hq) {
                 const float w = p[hq*TILE + j];
                 for (int64_t i = 0; i < v.d; ++i) {
@@ -117,14 +143,23 @@ INFLLM_AVX2 inline void hsum_n(const __m256 * v, float * out) {
     }
 }
 
+// s[g*TILE + c] = the lane sum of accumulator a[c*G + g]
+template <int G, int CB>
+INFLLM_AVX2 inline void store_scores(const __m256 * a, float * s) {
+    float r[G*CB];
+    hsum_n<G*CB>(a, r);
+    for (int c = 0; c < CB; ++c) {
+        for (int g = 0; g < G; ++g) {
+            s[g*TILE + c] = r[c*G + g];
+        }
+    }
+}
+
 // scores of CB cells at a time for the G query heads of one KV head: G*CB accumulators
 template <int G, int CB>
 INFLLM_AVX2 inline void scores_block(const float * q, int64_t d, const char * k, size_t stride,
                                      const int64_t * cells, float * s) {
-    __m256 a[G*CB];
-    for (int i = 0; i < G*CB; ++i) {
-        a[i] = _mm256_setzero_ps();
-    }
+    __m256 a[G*CB] = {};
     const uint16_t * kr[CB];
     for (int c = 0; c < CB; ++c) {
         kr[c] = (const uint16_t *) (k + cells[c]*stride);
@@ -141,28 +176,27 @@ INFLLM_AVX2 inline void scores_block(const float * q, int64_t d, const char * k,
             }
         }
     }
-    float r[G*CB];
-    hsum_n<G*CB>(a, r);
-    for (int c = 0; c < CB; ++c) {
-        for (int g = 0; g < G; ++g) {
-            s[g*TILE + c] = r[c*G + g];
-        }
-    }
+    store_scores<G, CB>(a, s);
 }
 
+// the scores of CB cells of one KV head's G query heads from f16 or (Q8) q8_0 rows
+template <int G, int CB, bool Q8>
+INFLLM_AVX2 inline void scores_cells(const float * q, int64_t d, const char * k, size_t stride,
+                                     const int64_t * cells, float * s);
+
 // CB cells at a time, every KV head of those cells before the next CB: the rows are read in order
-template <int G>
+template <int G, bool Q8>
 INFLLM_AVX2 void scores_avx2(const float * q, const rows & k, const int64_t * cells, int n, float * s) {
     constexpr int CB = std::min(8, 12/G);   // G <= 8, so CB >= 1
     int j = 0;
     for (; j + CB <= n; j += CB) {
         for (int64_t h = 0; h < k.n_kv_head; ++h) {
-            scores_block<G, CB>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
+            scores_cells<G, CB, Q8>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
         }
     }
     for (; j < n; ++j) {
         for (int64_t h = 0; h < k.n_kv_head; ++h) {
-            scores_block<G, 1>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
+            scores_cells<G, 1, Q8>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
         }
     }
 }
@@ -200,15 +234,109 @@ INFLLM_AVX2 inline void accum_head(const float * p, int64_t d, const char * v, s
     }
 }
 
+// accumulation of n cells of one KV head into its G query heads, f16 or (Q8) q8_0 rows
+template <int G, int SG, bool Q8>
+INFLLM_AVX2 inline void accum_cells(const float * p, int64_t d, const char * v, size_t stride,
+                                    const int64_t * cells, int n, float * acc);
+
 // runs of 8 cells, every KV head of a run before the next: the rows are read in order
-template <int G, int SG>
+template <int G, int SG, bool Q8>
 INFLLM_AVX2 void accum_avx2(const float * p, const rows & v, const int64_t * cells, int n, float * acc) {
     constexpr int RUN = 8;
     for (int j = 0; j < n; j += RUN) {
         const int nr = std::min(RUN, n - j);
         for (int64_t h = 0; h < v.n_kv_head; ++h) {
-            accum_head<G, SG>(p + h*G*TILE + j, v.d, v.data + h*v.head, v.row, cells + j, nr, acc + h*G*v.d);
+            accum_cells<G, SG, Q8>(p + h*G*TILE + j, v.d, v.data + h*v.head, v.row, cells + j, nr, acc + h*G*v.d);
         }
+    }
+}
+
+// 8 int8 values as f32 lanes
+INFLLM_AVX2 inline __m256 q8_lanes(const int8_t * qs) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) qs)));
+}
+
+// scores_block for q8_0 rows: each 32-value block's int8 are scaled by the block's f16 scale
+template <int G, int CB>
+INFLLM_AVX2 inline void scores_block_q8(const float * q, int64_t d, const char * k, size_t stride,
+                                        const int64_t * cells, float * s) {
+    __m256 a[G*CB] = {};
+    const char * kr[CB];
+    for (int c = 0; c < CB; ++c) {
+        kr[c] = k + cells[c]*stride;
+    }
+    for (int64_t b = 0; b < d/Q8_BLOCK; ++b) {
+        __m256 dv[CB];
+        for (int c = 0; c < CB; ++c) {
+            dv[c] = _mm256_set1_ps(q8_scale(kr[c] + b*Q8_BYTES));
+        }
+        for (int i = 0; i < Q8_BLOCK; i += 8) {
+            __m256 kv[CB];
+            for (int c = 0; c < CB; ++c) {
+                kv[c] = _mm256_mul_ps(dv[c], q8_lanes((const int8_t *) (kr[c] + b*Q8_BYTES + sizeof(ggml_fp16_t)) + i));
+            }
+            for (int g = 0; g < G; ++g) {
+                const __m256 qv = _mm256_loadu_ps(q + g*d + b*Q8_BLOCK + i);
+                for (int c = 0; c < CB; ++c) {
+                    a[c*G + g] = _mm256_fmadd_ps(qv, kv[c], a[c*G + g]);
+                }
+            }
+        }
+    }
+    store_scores<G, CB>(a, s);
+}
+
+// accum_head for q8_0 rows: one 32-value block (4 slices of 8) for all G heads at a time
+template <int G>
+INFLLM_AVX2 inline void accum_head_q8(const float * p, int64_t d, const char * v, size_t stride,
+                                      const int64_t * cells, int n, float * acc) {
+    for (int64_t b = 0; b < d/Q8_BLOCK; ++b) {
+        __m256 a[G*4];
+        for (int g = 0; g < G; ++g) {
+            for (int t = 0; t < 4; ++t) {
+                a[g*4 + t] = _mm256_loadu_ps(acc + g*d + b*Q8_BLOCK + 8*t);
+            }
+        }
+        for (int j = 0; j < n; ++j) {
+            const char * blk = v + cells[j]*stride + b*Q8_BYTES;
+            const float dq = q8_scale(blk);
+            const int8_t * qs = (const int8_t *) (blk + sizeof(ggml_fp16_t));
+            __m256 vv[4];
+            for (int t = 0; t < 4; ++t) {
+                vv[t] = q8_lanes(qs + 8*t);
+            }
+            for (int g = 0; g < G; ++g) {
+                const __m256 w = _mm256_set1_ps(p[g*TILE + j]*dq);
+                for (int t = 0; t < 4; ++t) {
+                    a[g*4 + t] = _mm256_fmadd_ps(w, vv[t], a[g*4 + t]);
+                }
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            for (int t = 0; t < 4; ++t) {
+                _mm256_storeu_ps(acc + g*d + b*Q8_BLOCK + 8*t, a[g*4 + t]);
+            }
+        }
+    }
+}
+
+template <int G, int CB, bool Q8>
+INFLLM_AVX2 inline void scores_cells(const float * q, int64_t d, const char * k, size_t stride,
+                                     const int64_t * cells, float * s) {
+    if constexpr (Q8) {
+        scores_block_q8<G, CB>(q, d, k, stride, cells, s);
+    } else {
+        scores_block<G, CB>(q, d, k, stride, cells, s);
+    }
+}
+
+template <int G, int SG, bool Q8>
+INFLLM_AVX2 inline void accum_cells(const float * p, int64_t d, const char * v, size_t stride,
+                                    const int64_t * cells, int n, float * acc) {
+    if constexpr (Q8) {
+        accum_head_q8<G>(p, d, v, stride, cells, n, acc);   // whole 32-value blocks: SG does not apply
+    } else {
+        accum_head<G, SG>(p, d, v, stride, cells, n, acc);
     }
 }
 
@@ -313,9 +441,18 @@ float softmax_tile_generic(float * s, const float * bias, int n, float & m, floa
 using softmax_fn = float (*)(float * s, const float * bias, int n, float & m, float & l);
 
 struct kernels {
-    scores_fn  scores;
+    scores_fn  scores;      // F16 rows
     accum_fn   accum;
     softmax_fn softmax;
+    scores_fn  scores_q8;   // Q8_0 rows
+    accum_fn   accum_q8;
+
+    void score(const float * q, const rows & k, const int64_t * cells, int n, float * s) const {
+        (k.type == GGML_TYPE_Q8_0 ? scores_q8 : scores)(q, k, cells, n, s);
+    }
+    void accumulate(const float * p, const rows & v, const int64_t * cells, int n, float * acc) const {
+        (v.type == GGML_TYPE_Q8_0 ? accum_q8 : accum)(p, v, cells, n, acc);
+    }
 };
 
 #ifdef INFLLM_X86_KERNELS
@@ -324,9 +461,9 @@ template <int G>
 kernels avx2_kernels(int64_t d_v) {
     constexpr int SG = G == 1 ? 8 : G <= 3 ? 4 : G <= 6 ? 2 : 1;
     if (d_v % (8*SG) == 0) {
-        return {scores_avx2<G>, accum_avx2<G, SG>, softmax_tile_avx2};
+        return {scores_avx2<G, false>, accum_avx2<G, SG, false>, softmax_tile_avx2, scores_avx2<G, true>, accum_avx2<G, SG, true>};
     }
-    return {scores_avx2<G>, accum_avx2<G, 1>, softmax_tile_avx2};
+    return {scores_avx2<G, false>, accum_avx2<G, 1, false>, softmax_tile_avx2, scores_avx2<G, true>, accum_avx2<G, 1, true>};
 }
 #endif
 
@@ -347,7 +484,7 @@ kernels pick_kernels(int64_t d_k, int64_t d_v, int n_gqa) {
     }
 #endif
     (void) d_k; (void) d_v; (void) n_gqa;
-    return {scores_generic, accum_generic, softmax_tile_generic};
+    return {scores_generic, accum_generic, softmax_tile_generic, scores_generic, accum_generic};
 }
 
 // pull the K and V rows of cells [c0, c1) towards the cache (PREFETCH_TILES ahead of the running tile),
@@ -398,7 +535,8 @@ struct cell_map {
 
 // rows of a 2d [d*n_kv_head, n] tensor (pool, sinks)
 rows rows_2d(const ggml_tensor * t, int64_t d, int64_t n_kv_h, int n_gqa) {
-    return {t ? (const char *) t->data : nullptr, t ? t->nb[1] : 0, (size_t) d*sizeof(ggml_fp16_t), n_kv_h, n_gqa, d};
+    return {t ? (const char *) t->data : nullptr, t ? t->nb[1] : 0, t ? ggml_row_size(t->type, d) : 0, n_kv_h, n_gqa, d,
+            t ? t->type : GGML_TYPE_F16};
 }
 
 // dst: F32 [2 + d_v, n_head, n_chunks]: per (query head, chunk) the running max, the sum of
@@ -424,8 +562,8 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     map.n_kv   = mask->ne[0];
     map.q      = (const float *) q->data;
     // a ring cell's row holds every KV head: nb[2] bytes from one cell to the next
-    map.k_ring = {(const char *) k->data, k->nb[2], k->nb[1], n_kv_h, n_gqa, d_k};
-    map.v_ring = {(const char *) v->data, v->nb[2], v->nb[1], n_kv_h, n_gqa, d_v};
+    map.k_ring = {(const char *) k->data, k->nb[2], k->nb[1], n_kv_h, n_gqa, d_k, k->type};
+    map.v_ring = {(const char *) v->data, v->nb[2], v->nb[1], n_kv_h, n_gqa, d_v, v->type};
     if (q->ne[2] > 1) {
         map.q_mem   = (const float *) ((const char *) q->data + q->nb[2]);
         map.bs      = (int64_t) (intptr_t) userdata;
@@ -484,7 +622,7 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             if (n == 0) {
                 continue;
             }
-            kern.scores(seg.q, seg.k, cells.data(), n, s.data());
+            kern.score(seg.q, seg.k, cells.data(), n, s.data());
             for (int64_t hq = 0; hq < n_head; ++hq) {
                 const float r = kern.softmax(s.data() + hq*TILE, bias.data(), n, m[hq], l[hq]);
                 if (r != 1.0f) {
@@ -493,7 +631,7 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                     }
                 }
             }
-            kern.accum(s.data(), seg.v, cells.data(), n, acc.data());
+            kern.accumulate(s.data(), seg.v, cells.data(), n, acc.data());
         }
         for (int64_t hq = 0; hq < n_head; ++hq) {
             float * out = (float *) ((char *) dst->data + hq*dst->nb[1] + ch*dst->nb[2]);
@@ -540,6 +678,10 @@ void merge_op(ggml_tensor * dst, int ith, int nth, void *) {
 
 } // namespace
 
+bool llama_infllm_attn_cpu_type_ok(ggml_type type) {
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0;
+}
+
 bool llama_infllm_attn_cpu_vectorized() {
 #ifdef INFLLM_X86_KERNELS
     return cpu_has_avx2();
@@ -552,7 +694,7 @@ ggml_tensor * llama_infllm_attn_one_query_cpu(ggml_context * ctx, ggml_tensor * 
                                               const llama_infllm_attn_memory * mem, ggml_tensor * mask,
                                               float kq_scale, int n_chunks) {
     GGML_ASSERT(q->type == GGML_TYPE_F32 && q->ne[2] == 1 && ggml_is_contiguous(q));
-    GGML_ASSERT(k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 && mask->type == GGML_TYPE_F16);
+    GGML_ASSERT(llama_infllm_attn_cpu_type_ok(k->type) && llama_infllm_attn_cpu_type_ok(v->type) && mask->type == GGML_TYPE_F16);
     GGML_ASSERT(k->ne[0] == q->ne[0] && q->ne[1] % k->ne[1] == 0 && v->ne[1] == k->ne[1] && k->ne[2] == v->ne[2]);
     GGML_ASSERT(k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type));
 
@@ -562,7 +704,7 @@ ggml_tensor * llama_infllm_attn_one_query_cpu(ggml_context * ctx, ggml_tensor * 
     if (mem != nullptr) {
         GGML_ASSERT(mem->q->type == GGML_TYPE_F32 && ggml_are_same_shape(mem->q, q) && mem->block_size > 0);
         for (const ggml_tensor * t : {mem->k_pool, mem->v_pool, mem->k_sinks, mem->v_sinks}) {
-            GGML_ASSERT(t == nullptr || (t->type == GGML_TYPE_F16 && t->nb[0] == ggml_type_size(t->type)));
+            GGML_ASSERT(t == nullptr || (llama_infllm_attn_cpu_type_ok(t->type) && t->nb[0] == ggml_type_size(t->type)));
         }
         GGML_ASSERT(mem->slots == nullptr || mem->slots->type == GGML_TYPE_I32);
         q = ggml_concat(ctx, q, ggml_cont(ctx, mem->q), 2);   // [d_k, n_head, 2]

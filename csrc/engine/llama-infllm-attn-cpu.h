@@ -2,7 +2,7 @@
 
 // Single-query attention over the InfLLM working set for the CPU backend, as two ggml custom
 // ops: partial softmax sums per (KV head, cell chunk) in parallel, then their merge. It does
-// what ggml_flash_attn_ext does for one query token (same mask convention, f16 K/V) with f32
+// what ggml_flash_attn_ext does for one query token (same mask convention, f16 or q8_0 K/V) with f32
 // accumulation, reading each K/V row once for all query heads that share it (GQA).
 
 #include "ggml.h"
@@ -11,15 +11,15 @@
 // pool (rows slot*block_size ..) and the sinks, with a query rotated to see them.
 struct llama_infllm_attn_memory {
     ggml_tensor * q;         // F32 [d_k, n_head, 1] contiguous: the query as it sees memory keys
-    ggml_tensor * k_pool;    // F16 [n_embd_k_gqa, n_slots*block_size] contiguous rows
-    ggml_tensor * v_pool;    // F16 [n_embd_v_gqa, n_slots*block_size]
+    ggml_tensor * k_pool;    // F16 or Q8_0 [n_embd_k_gqa, n_slots*block_size] contiguous rows
+    ggml_tensor * v_pool;    // F16 or Q8_0 [n_embd_v_gqa, n_slots*block_size]
     ggml_tensor * slots;     // I32 [n_blk]: the pool slots of the attended blocks, in mask order; or nullptr
     ggml_tensor * k_sinks;   // F16 [n_embd_k_gqa, n_init], or nullptr
     ggml_tensor * v_sinks;   // F16 [n_embd_v_gqa, n_init]
     int           block_size;
 };
 
-// q: F32 [d_k, n_head, 1] (contiguous); k, v: F16 views [d, n_kv_head, n_ring] of the ring with
+// q: F32 [d_k, n_head, 1] (contiguous); k, v: F16 or Q8_0 views [d, n_kv_head, n_ring] of the ring with
 // contiguous rows per head; mem: the memory (or nullptr); mask: F16 [n_mem + n_ring, >= 1]
 // (row 0 is used; -inf = not attended) whose columns are the attended blocks (block_size each),
 // the sinks, then the ring cells. Returns F32 [d_v*n_head, 1]. n_chunks: cell chunks (work
@@ -27,6 +27,9 @@ struct llama_infllm_attn_memory {
 ggml_tensor * llama_infllm_attn_one_query_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
                                               const llama_infllm_attn_memory * mem, ggml_tensor * mask,
                                               float kq_scale, int n_chunks);
+
+// the K/V row types the kernel reads (ring, pool and sinks): F16 and Q8_0
+bool llama_infllm_attn_cpu_type_ok(ggml_type type);
 
 // whether this build and CPU can run the kernel's vector path (otherwise a scalar one runs)
 bool llama_infllm_attn_cpu_vectorized();

@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 namespace {
 
@@ -99,11 +100,19 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     if (!cparams.causal_attn) {
         refuse("non-causal attention is not supported");
     }
-    if (mparams.type_k != GGML_TYPE_F16 && mparams.type_k != GGML_TYPE_F32) {
-        refuse("quantized K cache types are not supported");
-    }
-    if (mparams.type_v != GGML_TYPE_F16 && mparams.type_v != GGML_TYPE_F32) {
-        refuse("quantized V cache types are not supported");
+    // types that ggml's set_rows, get_rows and copies handle on every backend the cache runs on
+    auto type_ok = [](ggml_type t) {
+        return t == GGML_TYPE_F16 || t == GGML_TYPE_F32 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+    };
+    for (const auto & [what, t, d] : {std::tuple<const char *, ggml_type, uint32_t>{"K", mparams.type_k, hp.n_embd_head_k()},
+                                      {"V", mparams.type_v, hp.n_embd_head_v()}}) {
+        if (!type_ok(t)) {
+            refuse(std::string(what) + " cache type " + ggml_type_name(t) + " is not supported (f16, f32, q8_0, q4_0 are)");
+        }
+        if (d % ggml_blck_size(t) != 0) {
+            refuse(std::string(what) + " cache type " + ggml_type_name(t) + " packs " + std::to_string(ggml_blck_size(t)) +
+                   " values per block, which does not divide a head of " + std::to_string(d));
+        }
     }
 }
 

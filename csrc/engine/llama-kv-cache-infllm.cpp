@@ -1,4 +1,5 @@
 #include "llama-kv-cache-infllm.h"
+#include "llama-infllm-attn-cpu.h"
 
 #include "llama-impl.h"
 #include "llama-model.h"
@@ -8,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 //
 // llama_kv_cache_infllm
@@ -19,8 +21,18 @@ static uint32_t infllm_ring_size(const llama_infllm_params & p, uint32_t n_ctx, 
     return std::min(n_ctx, need);
 }
 
+// blocks that can ever leave the window: the last ubatch starts at n_ctx - 1 at the latest,
+// and its window (window_start) keeps n_local positions and the n_init sinks
 static uint32_t infllm_n_blocks(const llama_infllm_params & p, uint32_t n_ctx) {
-    return n_ctx > p.n_init ? (n_ctx - p.n_init + p.block_size - 1) / p.block_size : 0;
+    const uint64_t last = n_ctx > 0 ? n_ctx - 1 : 0;
+    const uint64_t kept = (uint64_t) p.n_local + p.n_init;
+    return last > kept ? (uint32_t) ((last - kept)/p.block_size) : 0;
+}
+
+// the sinks are stored unquantized (F16): they are re-rotated in place (RoPE takes F32/F16)
+// and few
+static ggml_type infllm_sink_type(ggml_type t) {
+    return ggml_is_quantized(t) ? GGML_TYPE_F16 : t;
 }
 
 static uint32_t infllm_n_sel(const llama_infllm_params & p, uint32_t n_ctx) {
@@ -35,6 +47,33 @@ static uint32_t infllm_n_ev_max(const llama_infllm_params & p, uint32_t n_ctx, u
 
 static constexpr size_t INFLLM_TENSOR_PAD = 512;   // allocation padding allowance per tensor
 
+// the size of the Hadamard rotation llama.cpp's cache applies to quantized K (is_k) or V rows
+// of heads of d values, 0 for none: K the largest power of two from 64 dividing d, V 64;
+// LLAMA_ATTN_ROT_DISABLE=1 turns it off there and here
+static uint32_t infllm_rot_size(ggml_type type, uint32_t d, bool is_k) {
+    const char * env = std::getenv("LLAMA_ATTN_ROT_DISABLE");
+    if ((env && std::atoi(env)) || !ggml_is_quantized(type) || d == 0 || d % 64 != 0) {
+        return 0;
+    }
+    uint32_t n = 64;
+    while (is_k && d % (2*n) == 0) {
+        n *= 2;
+    }
+    return n;
+}
+
+// an orthonormal Walsh-Hadamard matrix of order n (a power of two), row-major: H*H = I
+static std::vector<float> infllm_hadamard(uint32_t n) {
+    std::vector<float> h((size_t) n*n);
+    const float a = 1.0f/std::sqrt((float) n);
+    for (uint32_t i = 0; i < n; ++i) {
+        for (uint32_t j = 0; j < n; ++j) {
+            h[(size_t) i*n + j] = (__builtin_popcount(i & j) & 1) ? -a : a;   // Sylvester's construction
+        }
+    }
+    return h;
+}
+
 llama_kv_cache_infllm::footprint llama_kv_cache_infllm::device_footprint(
         const llama_model & model, const llama_infllm_params & p, ggml_type type_k, ggml_type type_v,
         uint32_t n_ctx, uint32_t n_ubatch, bool resident) {
@@ -45,10 +84,15 @@ llama_kv_cache_infllm::footprint llama_kv_cache_infllm::device_footprint(
     const uint32_t n_ring    = infllm_ring_size(p, n_ctx, n_ubatch);
     const uint32_t n_ev_rows = infllm_n_ev_max(p, n_ctx, n_ubatch)*p.block_size;
     footprint f = {0, 0};
+    for (const uint32_t n : {infllm_rot_size(type_k, hp.n_embd_head_k(), true), infllm_rot_size(type_v, hp.n_embd_head_v(), false)}) {
+        f.fixed += n > 0 ? (size_t) n*n*sizeof(float) + INFLLM_TENSOR_PAD : 0;
+    }
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         const size_t k_row = ggml_row_size(type_k, hp.n_embd_k_gqa(il));
         const size_t v_row = ggml_row_size(type_v, hp.n_embd_v_gqa(il));
-        f.fixed += (k_row + v_row)*(n_mem_max + n_ring + ATT_PAD - 1 + p.n_init);
+        f.fixed += (k_row + v_row)*(n_mem_max + n_ring + ATT_PAD - 1);
+        f.fixed += (ggml_row_size(infllm_sink_type(type_k), hp.n_embd_k_gqa(il)) +
+                    ggml_row_size(infllm_sink_type(type_v), hp.n_embd_v_gqa(il)))*p.n_init;
         f.fixed += ggml_row_size(GGML_TYPE_F32, hp.n_embd_k_gqa(il))*std::max(n_blocks, 1u);
         f.fixed += 6*INFLLM_TENSOR_PAD;
         if (!resident) {
@@ -130,11 +174,12 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     }
     {
         const char * env = std::getenv("PYLLAMA_INF_ATTN");
-        one_query_kernel = buft == ggml_backend_cpu_buffer_type() && type_k == GGML_TYPE_F16 && type_v == GGML_TYPE_F16 && !(env && std::strcmp(env, "ggml") == 0);
+        one_query_kernel = buft == ggml_backend_cpu_buffer_type() && llama_infllm_attn_cpu_type_ok(type_k) &&
+                           llama_infllm_attn_cpu_type_ok(type_v) && !(env && std::strcmp(env, "ggml") == 0);
     }
 
     ggml_init_params ip = {
-        /*.mem_size   =*/ size_t(10u*hparams.n_layer()*ggml_tensor_overhead()),
+        /*.mem_size   =*/ size_t((10u*hparams.n_layer() + 2)*ggml_tensor_overhead()),   // 10 per layer, 2 rotations
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };
@@ -163,8 +208,8 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
         l.v_pool = tensor(type_v, n_embd_v, std::max(n_pool, 1u)*bs, "v_pool");
         l.repr   = tensor(GGML_TYPE_F32, n_embd_k, std::max(n_blocks, 1u), "repr");
         if (params.n_init > 0) {
-            l.k_sinks = tensor(type_k, n_embd_k, params.n_init, "k_sinks");
-            l.v_sinks = tensor(type_v, n_embd_v, params.n_init, "v_sinks");
+            l.k_sinks = tensor(infllm_sink_type(type_k), n_embd_k, params.n_init, "k_sinks");
+            l.v_sinks = tensor(infllm_sink_type(type_v), n_embd_v, params.n_init, "v_sinks");
         }
         if (!resident) {
             l.sel     = tensor(GGML_TYPE_I32, std::max(n_sel, 1u), 1, "sel");
@@ -185,6 +230,17 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     k_row_bytes = k_rows.empty() ? 0 : k_rows[0];
     v_row_bytes = v_rows.empty() ? 0 : v_rows[0];
 
+    const uint32_t n_rot_k = infllm_rot_size(type_k, hparams.n_embd_head_k(), true);
+    const uint32_t n_rot_v = infllm_rot_size(type_v, hparams.n_embd_head_v(), false);
+    if (n_rot_k > 0) {
+        k_rot = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_rot_k, n_rot_k);
+        ggml_set_name(k_rot, "infllm_k_rot");
+    }
+    if (n_rot_v > 0) {
+        v_rot = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_rot_v, n_rot_v);
+        ggml_set_name(v_rot, "infllm_v_rot");
+    }
+
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
     if (!buf) {
         throw std::runtime_error("failed to allocate the InfLLM cache buffer");
@@ -192,6 +248,12 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     // unwritten cells are masked, but must not hold NaNs (0 * NaN poisons the attention)
     ggml_backend_buffer_clear(buf, 0);
     buf_device.reset(buf);
+    for (ggml_tensor * r : {k_rot, v_rot}) {
+        if (r != nullptr) {
+            const std::vector<float> h = infllm_hadamard((uint32_t) r->ne[0]);
+            ggml_backend_tensor_set(r, h.data(), 0, ggml_nbytes(r));
+        }
+    }
 
     std::string host_desc = "none (every block on the device)";
     if (!resident) {

@@ -40,6 +40,11 @@ public:
         ggml_tensor * v_evict;   // their way to the host store (offload; nullptr when resident)
     };
 
+    // Hadamard rotations of K (and Q) and of V for quantized cache types, as llama.cpp's own
+    // cache applies them (F32 [n, n], n dividing the head), or nullptr
+    ggml_tensor * k_rot = nullptr;
+    ggml_tensor * v_rot = nullptr;
+
     // device bytes of everything but the block pool, and of one block in the pool (all layers)
     struct footprint {
         size_t fixed;
