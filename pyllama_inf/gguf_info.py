@@ -118,13 +118,22 @@ def check_gguf(path: PathLike) -> ModelInfo:
     Does everything :func:`inspect` does, raising the same exceptions, and also checks
     that the file is at least as long as the end of the last tensor's data (data
     offset + size), so that a file cut short inside the tensor data is rejected here
-    with a ValueError instead of being handed to llama.cpp.
+    with a ValueError instead of being handed to llama.cpp, and that a RoPE scaling
+    type is one llama.cpp knows (it would abort on another).
     """
     info = inspect(path)
     if info.data_end > info.file_bytes:
         raise _invalid(info.path, f"truncated: tensor data ends at byte {info.data_end}, "
                                   f"the file has {info.file_bytes} bytes")
+    if info.rope_scaling_type is not None and info.rope_scaling_type not in ROPE_SCALING_TYPES:
+        # llama.cpp asserts on an unknown name (src/llama-model.cpp, rope scaling types)
+        raise _invalid(info.path, f"{info.architecture}.rope.scaling.type is {info.rope_scaling_type!r}, "
+                                  f"not one of {ROPE_SCALING_TYPES}")
     return info
+
+
+#: the RoPE scaling types llama.cpp knows (``{arch}.rope.scaling.type``)
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 
 
 #

@@ -67,6 +67,7 @@ def bad_files(tmp_path_factory, model_path):
         p = d / f"{name}.gguf"
         p.write_bytes(data)
         out[name] = str(p)
+    out["rope-scaling"] = str(write_random_llama(d / "rope-scaling.gguf", **{"llama.rope.scaling.type": "bogus"}))
     out["directory"] = str(d)
     out["missing"] = str(d / "nope.gguf")
     return out
@@ -83,6 +84,7 @@ FILE_CASES = [
     ("cut-tensor-info", ("ValueError",), "truncated"),
     ("cut-data", ("ValueError",), "truncated"),
     ("cut-last-byte", ("ValueError",), "truncated"),
+    ("rope-scaling", ("ValueError",), "rope.scaling.type is 'bogus'"),
 ]
 
 
@@ -107,6 +109,11 @@ CASES = [
     ("n_batch-negative", "model(n_batch=-8)", ("ValueError",), "n_batch"),
     ("n_ubatch-over-batch", "model(n_batch=64, n_ubatch=128)", ("ValueError",), "n_ubatch"),
     ("n_gpu_layers", "model(n_gpu_layers=-5)", ("ValueError",), "n_gpu_layers"),
+    # cache types (the tiny model's heads hold 16 values: no 32-value block fits)
+    ("type_k-unknown", "model(type_k='q3_k')", ("ValueError",), "type_k must be one of"),
+    ("type_v-not-a-string", "model(type_v=8)", ("TypeError",), "type_v"),
+    ("type_k-block-too-big", "model(type_k='q8_0')", ("ValueError",), "does not divide a row of 16"),
+    ("type_v-infllm-block-too-big", "model(kv='infllm', type_v='q4_0')", ("ValueError",), "does not divide"),
     # cache modes and budgets
     ("kv-unknown", "model(kv='paged')", ("ValueError",), "kv must be one of"),
     ("kv-none", "model(kv=None)", ("ValueError",), "kv must be one of"),

@@ -197,3 +197,20 @@ def test_cli_generate_with_infllm(tiny_model, capsys):
                "--kv-budget", "4MiB", "--host-budget", "64MiB"])
     assert rc == 0
     assert "4 generated" in capsys.readouterr().err
+
+
+def test_warns_when_the_model_sees_distances_past_its_training(tmp_path):
+    import warnings
+    from pyllama_inf.testing import write_random_llama
+    path = write_random_llama(tmp_path / "short.gguf", n_ctx_train=512)
+    cfg = pi.InfLLMConfig(n_local=256, n_init=16, block_size=64, topk=2)
+    # positions="infllm": the farthest key is n_local + block_size + n_ubatch positions away
+    with pytest.warns(RuntimeWarning, match=r"n_local \+ block_size \+ n_ubatch = 576 is more than .* \(512 tokens\)"):
+        pi.Model(path, n_ctx=2048, n_threads=1, n_ubatch=256, kv="infllm", infllm=cfg).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pi.Model(path, n_ctx=2048, n_threads=1, n_ubatch=128, kv="infllm", infllm=cfg).close()   # 448
+    # absolute positions: the whole context
+    absolute = pi.InfLLMConfig(n_local=256, n_init=16, block_size=64, topk=2, positions="absolute")
+    with pytest.warns(RuntimeWarning, match="n_ctx = 1024"):
+        pi.Model(path, n_ctx=1024, n_threads=1, n_ubatch=128, kv="infllm", infllm=absolute).close()
