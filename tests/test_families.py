@@ -35,7 +35,7 @@ NO_ROPE = {"granite-norope", "starcoder"}
 CHILD_TIMEOUT_S = 120
 # families the cache refuses today, with a phrase of the reason; every other family must
 # run (a refusal there is a regression, not a pass)
-REFUSED = {"gemma3": "sliding-window"}
+REFUSED = {}
 
 CHILD = r"""
 import json, sys

@@ -53,6 +53,7 @@ struct session_params {
     bool     offload_kqv  = true; // stock cache: K/V (and attention) on the layers' device
     std::string type_k    = "f16"; // K/V cache types by ggml name (checked by pyllama_inf._model)
     std::string type_v    = "f16";
+    int32_t  swa_full     = -1;   // sliding-window layers: -1 default (stock: full size, InfLLM: the window), 0 the window, 1 full
 
     // InfLLM cache (kv="infllm")
     bool     infllm       = false;
@@ -285,6 +286,8 @@ session::session(const session_params & params) {
         cparams.type_k          = cache_type(params.type_k, "type_k");
         cparams.type_v          = cache_type(params.type_v, "type_v");
         cparams.no_perf         = true;
+        // the InfLLM cache's sliding-window layers keep just their window unless asked otherwise
+        cparams.swa_full        = params.swa_full >= 0 ? params.swa_full == 1 : (params.infllm ? false : cparams.swa_full);
         cparams.abort_callback      = &session::abort_check;
         cparams.abort_callback_data = this;
         if (params.infllm) {
@@ -630,6 +633,7 @@ void register_session(py::module_ & m) {
         .def_readwrite("n_ubatch",     &session_params::n_ubatch)
         .def_readwrite("n_threads",    &session_params::n_threads)
         .def_readwrite("flash_attn",   &session_params::flash_attn, "-1 auto, 0 off, 1 on")
+        .def_readwrite("swa_full",     &session_params::swa_full, "-1 default, 0 window-size SWA cache, 1 full-size")
         .def_readwrite("infllm",       &session_params::infllm, "use the InfLLM cache")
         .def_property("block_size", [](const session_params & p) { return p.iparams.block_size; },
                                     [](session_params & p, uint32_t v) { p.iparams.block_size = v; })

@@ -3,6 +3,7 @@
 #include "llama-infllm-attn-cpu.h"
 #include "llama-infllm-hooks.h"
 #include "llama-kv-cache-infllm.h"
+#include "llama-kv-cache-infllm-iswa.h"
 
 #include "llama-arch.h"
 #include "llama-impl.h"
@@ -159,7 +160,7 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
 }
 
 bool llm_graph_input_attn_infllm::can_reuse(const llm_graph_params & params) {
-    const auto * m = dynamic_cast<const llama_kv_cache_infllm_context *>(params.mctx);
+    const auto * m = llama_infllm_context_of(params.mctx);
     if (m == nullptr || m->get_cache() != cache || m->is_reserve()) {
         return false;
     }
@@ -171,11 +172,9 @@ bool llm_graph_input_attn_infllm::can_reuse(const llm_graph_params & params) {
 // hooks
 //
 
-llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & g) {
-    const auto * mctx = dynamic_cast<const llama_kv_cache_infllm_context *>(g.mctx);
-    if (mctx == nullptr) {
-        return nullptr;
-    }
+// the inputs of the InfLLM attention for the ubatch being built
+static std::unique_ptr<llm_graph_input_attn_infllm> infllm_new_input(const llm_graph_context & g,
+                                                                     const llama_kv_cache_infllm_context * mctx) {
     const llama_kv_cache_infllm * c = mctx->get_cache();
     const auto & p = c->params;
     ggml_context * ctx0 = g.ctx0;
@@ -214,12 +213,63 @@ llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & 
         inp->sink_cells = input(GGML_TYPE_I32, p.n_init, 1, "infllm_sink_cells");
         inp->sink_pos   = input(GGML_TYPE_I32, p.n_init, 1, "infllm_sink_pos");
     }
+    return inp;
+}
 
-    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
+static void infllm_refuse(const llm_graph_context & g, const std::string & why);
+
+llm_graph_input_attn_kv * llama_infllm_build_attn_inp(const llm_graph_context & g) {
+    if (dynamic_cast<const llama_kv_cache_infllm_iswa_context *>(g.mctx) != nullptr) {
+        infllm_refuse(g, "the model has sliding-window layers but its graph asks for a plain KV cache");
+    }
+    const auto * mctx = dynamic_cast<const llama_kv_cache_infllm_context *>(g.mctx);
+    if (mctx == nullptr) {
+        return nullptr;
+    }
+    return (llm_graph_input_attn_kv *) g.res->add_input(infllm_new_input(g, mctx));
 }
 
 llm_graph_input_attn_infllm * llama_infllm_as_input(llm_graph_input_attn_kv * inp) {
     return dynamic_cast<llm_graph_input_attn_infllm *>(inp);
+}
+
+//
+// the sliding-window composition: llama.cpp's iSWA input (its base half holds no layer), with
+// the InfLLM input of the global layers inside
+//
+
+class llm_graph_input_attn_infllm_iswa : public llm_graph_input_attn_kv_iswa {
+public:
+    llm_graph_input_attn_infllm_iswa(const llama_hparams & hparams, const llama_cparams & cparams,
+                                     const llama_kv_cache_infllm_iswa_context * mctx,
+                                     std::unique_ptr<llm_graph_input_attn_infllm> infllm) :
+        llm_graph_input_attn_kv_iswa(hparams, cparams, mctx), infllm(std::move(infllm)) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        llm_graph_input_attn_kv_iswa::set_input(ubatch);
+        infllm->set_input(ubatch);
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        if (dynamic_cast<const llama_kv_cache_infllm_iswa_context *>(params.mctx) == nullptr) {
+            return false;
+        }
+        // both, always: each re-binds its memory context
+        const bool stock = llm_graph_input_attn_kv_iswa::can_reuse(params);
+        const bool ours  = infllm->can_reuse(params);
+        return stock && ours;
+    }
+
+    std::unique_ptr<llm_graph_input_attn_infllm> infllm;
+};
+
+std::unique_ptr<llm_graph_input_attn_kv_iswa> llama_infllm_make_attn_inp_iswa(const llm_graph_context & g) {
+    const auto * mctx = dynamic_cast<const llama_kv_cache_infllm_iswa_context *>(g.mctx);
+    if (mctx == nullptr) {
+        return nullptr;
+    }
+    return std::make_unique<llm_graph_input_attn_infllm_iswa>(g.hparams, g.cparams, mctx,
+                                                              infllm_new_input(g, mctx->get_infllm()));
 }
 
 //
@@ -602,9 +652,40 @@ ggml_tensor * llama_infllm_build_attn(
 
     ggml_tensor * k = infllm_rows_3d(ctx0, k_att, d_k, m0, n_att);    // [d_k, n_kv_h, n_att]
     ggml_tensor * v = infllm_rows_3d(ctx0, v_att, d_v, m0, n_att);
+    // as llama.cpp's flash-attention path does: an F32 cache is attended in F16
+    if (k->type == GGML_TYPE_F32) {
+        k = ggml_cast(ctx0, k, GGML_TYPE_F16);
+    }
+    if (v->type == GGML_TYPE_F32) {
+        v = ggml_cast(ctx0, v, GGML_TYPE_F16);
+    }
     ggml_tensor * q = ggml_permute(ctx0, q_att, 0, 2, 1, 3);          // [d_k, n_q, n_head]
     ggml_tensor * fa = ggml_flash_attn_ext(ctx0, q, ggml_permute(ctx0, k, 0, 2, 1, 3), ggml_permute(ctx0, v, 0, 2, 1, 3),
                                            inp->kq_mask, kq_scale, 0.0f, 0.0f);
     ggml_prec_set_acc(fa, GGML_PREC_F32);
     return infllm_output(g, hv(ggml_reshape_2d(ctx0, fa, d_v*n_head, n_q)), wo, wo_b, wo_s, il);
+}
+
+ggml_tensor * llama_infllm_build_attn_iswa(
+        const llm_graph_context & g,
+        llm_graph_input_attn_kv_iswa * inp,
+        ggml_tensor * wo,
+        ggml_tensor * wo_b,
+        ggml_tensor * wo_s,
+        ggml_tensor * q_cur,
+        ggml_tensor * k_cur,
+        ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
+        ggml_tensor * v_mla,
+        float         kq_scale,
+        int           il) {
+    auto * ours = dynamic_cast<llm_graph_input_attn_infllm_iswa *>(inp);
+    if (ours == nullptr || g.hparams.is_swa((uint32_t) il)) {
+        return nullptr;   // the stock path: another cache, or a sliding-window layer
+    }
+    if (k_cur == nullptr || v_cur == nullptr || v_mla != nullptr) {
+        infllm_refuse(g, "layer " + std::to_string(il) + " attends without its own K and V (shared or latent K/V)");
+    }
+    return llama_infllm_build_attn(g, ours->infllm.get(), wo, wo_b, wo_s, q_cur, k_cur, v_cur, kq_b, sinks, kq_scale, il);
 }

@@ -3,6 +3,7 @@
 #include "llama-infllm.h"
 #include "llama-infllm-hooks.h"
 #include "llama-kv-cache-infllm.h"
+#include "llama-kv-cache-infllm-iswa.h"
 
 #include "llama-context.h"
 #include "llama-cparams.h"
@@ -74,8 +75,17 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     if (llama_model_is_recurrent(&model) || llama_model_is_hybrid(&model)) {
         refuse("recurrent and hybrid models are not supported");
     }
-    if (hp.is_swa_any() || hp.n_swa > 0) {
-        refuse("models with sliding-window attention (SWA/iSWA) are not supported");
+    if (hp.swa_type != LLAMA_SWA_TYPE_NONE) {
+        // sliding-window layers keep a stock SWA cache (llama-kv-cache-infllm-iswa.h)
+        if (!hp.is_swa_any()) {
+            refuse("the model declares sliding-window attention but no layer uses it");
+        }
+        if (model.arch == LLM_ARCH_DEEPSEEK4 || model.arch == LLM_ARCH_DOTS3NOTE || model.arch == LLM_ARCH_DFLASH) {
+            refuse(std::string(llm_arch_name(model.arch)) + "'s K-only sliding-window attention is not supported");
+        }
+    }
+    if (hp.n_layer_kv_from_start >= 0) {
+        refuse("layers that reuse another layer's K/V (Gemma 3n, Gemma 4) are not supported");
     }
     if (hp.is_mla()) {
         refuse("models with multi-head latent attention (MLA) are not supported");
@@ -131,13 +141,21 @@ llama_memory_i * llama_infllm_create_memory(const llama_model & model, const lla
     }
     try {
         infllm_check_supported(model, params, cparams, g_pending->params);
-        auto * cache = new llama_kv_cache_infllm(model, g_pending->params, params.type_k, params.type_v,
-                                                 cparams.offload_kqv, cparams.n_ctx_seq, cparams.n_ubatch);
+        llama_memory_i * mem = nullptr;
+        if (model.hparams.swa_type != LLAMA_SWA_TYPE_NONE) {
+            mem = new llama_kv_cache_infllm_iswa(model, g_pending->params, params.type_k, params.type_v,
+                                                 !cparams.flash_attn, cparams.offload_kqv, params.swa_full, cparams.n_ctx_seq,
+                                                 cparams.n_ubatch);
+        } else {
+            mem = new llama_kv_cache_infllm(model, g_pending->params, params.type_k, params.type_v,
+                                            cparams.offload_kqv, cparams.n_ctx_seq, cparams.n_ubatch);
+        }
+        llama_kv_cache_infllm * cache = llama_infllm_cache_of(mem);
         cache->set_router(std::unique_ptr<void, void (*)(void *)>(g_pending->router,
                 [](void * p) { delete (infllm_router *) p; }));
         g_pending->router->cache = cache;
         g_pending->router = nullptr;   // owned by the cache now
-        return cache;
+        return mem;
     } catch (const std::exception & e) {
         g_pending->error = e.what();
         throw;
@@ -197,7 +215,7 @@ llama_context * llama_init_from_model_infllm(llama_model * model, llama_context_
     if (ctx == nullptr) {
         return fail(pending.error.empty() ? "llama.cpp could not create the context (see its log)" : pending.error);
     }
-    if (dynamic_cast<llama_kv_cache_infllm *>(llama_get_memory(ctx)) == nullptr) {
+    if (llama_infllm_cache_of(llama_get_memory(ctx)) == nullptr) {
         llama_free(ctx);
         return fail("InfLLM cache: this model does not use a KV cache");
     }
@@ -208,7 +226,7 @@ int32_t llama_infllm_get_stats(const llama_context * ctx, llama_infllm_stats * s
     if (ctx == nullptr || stats == nullptr) {
         return -1;
     }
-    const auto * cache = dynamic_cast<const llama_kv_cache_infllm *>(llama_get_memory(ctx));
+    const llama_kv_cache_infllm * cache = llama_infllm_cache_of(llama_get_memory(ctx));
     if (cache == nullptr) {
         return -1;
     }
@@ -218,5 +236,5 @@ int32_t llama_infllm_get_stats(const llama_context * ctx, llama_infllm_stats * s
 
 uint32_t llama_infllm_extra_graph_nodes(const llama_memory_i * memory, uint32_t n_layer) {
     // about 70 nodes per layer (eviction, ring writes, selection, gathering the memory rows, attention)
-    return dynamic_cast<const llama_kv_cache_infllm *>(memory) != nullptr ? 128u*n_layer : 0u;
+    return llama_infllm_cache_of(memory) != nullptr ? 128u*n_layer : 0u;
 }

@@ -76,7 +76,7 @@ static std::vector<float> infllm_hadamard(uint32_t n) {
 
 llama_kv_cache_infllm::footprint llama_kv_cache_infllm::device_footprint(
         const llama_model & model, const llama_infllm_params & p, ggml_type type_k, ggml_type type_v,
-        uint32_t n_ctx, uint32_t n_ubatch, bool resident) {
+        uint32_t n_ctx, uint32_t n_ubatch, bool resident, const layer_filter_cb & filter) {
     const auto & hp = model.hparams;
     const uint32_t n_blocks  = infllm_n_blocks(p, n_ctx);
     const uint32_t n_sel     = infllm_n_sel(p, n_ctx);
@@ -88,6 +88,9 @@ llama_kv_cache_infllm::footprint llama_kv_cache_infllm::device_footprint(
         f.fixed += n > 0 ? (size_t) n*n*sizeof(float) + INFLLM_TENSOR_PAD : 0;
     }
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        if (filter && !filter((int32_t) il)) {
+            continue;
+        }
         const size_t k_row = ggml_row_size(type_k, hp.n_embd_k_gqa(il));
         const size_t v_row = ggml_row_size(type_v, hp.n_embd_v_gqa(il));
         f.fixed += (k_row + v_row)*(n_mem_max + n_ring + ATT_PAD - 1);
@@ -109,7 +112,8 @@ static std::string infllm_mib(size_t bytes) {
 
 llama_kv_cache_infllm::llama_kv_cache_infllm(
         const llama_model & model, const llama_infllm_params & params,
-        ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch) :
+        ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch,
+        const layer_filter_cb & filter) :
     params(params),
     hparams(model.hparams),
     n_ctx(n_ctx),
@@ -122,8 +126,8 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     // the pool: every block (resident) when the budget allows it, else as many as fit (offload),
     // at least the blocks of one selection
     if (params.budget_bytes > 0) {
-        const footprint fr = device_footprint(model, params, type_k, type_v, n_ctx, n_ubatch, true);
-        const footprint fo = device_footprint(model, params, type_k, type_v, n_ctx, n_ubatch, false);
+        const footprint fr = device_footprint(model, params, type_k, type_v, n_ctx, n_ubatch, true, filter);
+        const footprint fo = device_footprint(model, params, type_k, type_v, n_ctx, n_ubatch, false, filter);
         const size_t all     = fr.fixed + (size_t) n_blocks*fr.per_block;
         const size_t minimum = std::min(all, fo.fixed + (size_t) n_sel*fo.per_block);
         if (params.budget_bytes >= all) {
@@ -151,12 +155,17 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     }
 
     ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
+    bool first = true;
     for (uint32_t il = 0; offload && il < hparams.n_layer(); ++il) {
+        if (filter && !filter((int32_t) il)) {
+            continue;
+        }
         ggml_backend_buffer_type_t b = ggml_backend_dev_buffer_type(model.dev_layer(il));
-        if (il > 0 && b != buft) {
+        if (!first && b != buft) {
             throw std::runtime_error("InfLLM cache: layers split over several devices are not supported");
         }
-        buft = b;
+        buft  = b;
+        first = false;
     }
 
     if (!resident) {
@@ -192,6 +201,9 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     const uint32_t bs = params.block_size;
     std::vector<size_t> k_rows, v_rows;
     for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+        if (filter && !filter((int32_t) il)) {
+            continue;
+        }
         const uint32_t n_embd_k = hparams.n_embd_k_gqa(il);
         const uint32_t n_embd_v = hparams.n_embd_v_gqa(il);
         auto tensor = [&](ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
@@ -405,7 +417,7 @@ void llama_kv_cache_infllm::begin_ubatch(llama_pos p0, uint32_t n_q) {
     n_stored      = n_ev;
     sinks_stored |= cur.ev_sinks;
     if (n_ev > 0 && n_sel > 0) {
-        selections += hparams.n_layer();
+        selections += (int64_t) layers.size();
     }
     n_tokens = (uint32_t) (p0 + (llama_pos) n_q);
     ++n_ubatches;
@@ -448,12 +460,13 @@ void llama_kv_cache_infllm::on_evict(int32_t il) {
     GGML_ASSERT(!resident);
     scope_timer t{host_work_s};
     ++n_callbacks;
-    const layer & l = get_layer(il);
+    const uint32_t ix = (uint32_t) map_layer_ids.at(il);   // the store counts this cache's layers
+    const layer & l = layers[ix];
     const size_t bs = params.block_size;
     for (uint32_t b = cur.ev_b0; b < cur.ev_b1; ++b) {
         const size_t j = b - cur.ev_b0;
-        xfer->get(l.k_evict, store->k(l.il, (int32_t) b), j*bs*k_row_bytes, bs*k_row_bytes);
-        xfer->get(l.v_evict, store->v(l.il, (int32_t) b), j*bs*v_row_bytes, bs*v_row_bytes);
+        xfer->get(l.k_evict, store->k(ix, (int32_t) b), j*bs*k_row_bytes, bs*k_row_bytes);
+        xfer->get(l.v_evict, store->v(ix, (int32_t) b), j*bs*v_row_bytes, bs*v_row_bytes);
     }
     d2h_pending = true;   // waited for at the next selection, or by the next ubatch
 }
@@ -462,8 +475,9 @@ void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
     GGML_ASSERT(!resident);
     scope_timer timer{host_work_s};
     ++n_callbacks;
-    const layer & l = get_layer(il);
-    layer_state & st = states.at(map_layer_ids.at(il));
+    const uint32_t ix = (uint32_t) map_layer_ids.at(il);   // the store counts this cache's layers
+    const layer & l = layers[ix];
+    layer_state & st = states[ix];
     const size_t bs = params.block_size;
     const int64_t stamp = ++n_sync;
 
@@ -507,8 +521,8 @@ void llama_kv_cache_infllm::on_sync(int32_t il, const ggml_tensor * sel) {
             st.blk_slot[st.slot_blk[v]] = -1;
         }
         const int32_t b = ids[i];
-        xfer->set(l.k_pool, store->k(l.il, b), (size_t) v*bs*k_row_bytes, bs*k_row_bytes);
-        xfer->set(l.v_pool, store->v(l.il, b), (size_t) v*bs*v_row_bytes, bs*v_row_bytes);
+        xfer->set(l.k_pool, store->k(ix, b), (size_t) v*bs*k_row_bytes, bs*k_row_bytes);
+        xfer->set(l.v_pool, store->v(ix, b), (size_t) v*bs*v_row_bytes, bs*v_row_bytes);
         st.slot_blk[v]  = b;
         st.slot_used[v] = stamp;
         st.blk_slot[b]  = v;

@@ -52,10 +52,13 @@ public:
     };
     static footprint device_footprint(const llama_model & model, const llama_infllm_params & params,
                                       ggml_type type_k, ggml_type type_v, uint32_t n_ctx, uint32_t n_ubatch,
-                                      bool resident);
+                                      bool resident, const layer_filter_cb & filter);
 
+    // filter: the layers this cache holds (nullptr: all); the others belong to another cache
+    // (the sliding-window layers of llama_kv_cache_infllm_iswa)
     llama_kv_cache_infllm(const llama_model & model, const llama_infllm_params & params,
-                          ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch);
+                          ggml_type type_k, ggml_type type_v, bool offload, uint32_t n_ctx, uint32_t n_ubatch,
+                          const layer_filter_cb & filter = nullptr);
     ~llama_kv_cache_infllm() override;
 
     //
@@ -234,6 +237,9 @@ public:
 
     llama_kv_cache_infllm * get_cache() const { return cache; }
 
+    // the ubatches of a batch context (empty for a reservation)
+    const std::vector<llama_ubatch> & get_ubatches() const { return ubatches; }
+
     // graph reservation context: build the largest graph
     bool is_reserve() const { return ubatches.empty(); }
 
@@ -244,6 +250,14 @@ private:
     std::vector<llama_ubatch> ubatches;
     size_t i_next = 0;
 };
+
+// the InfLLM part of a memory context: the context itself, or the InfLLM half of the
+// sliding-window composition (llama-kv-cache-infllm-iswa.h); nullptr for any other context
+const llama_kv_cache_infllm_context * llama_infllm_context_of(const llama_memory_context_i * mctx);
+
+// the InfLLM cache of a memory (plain or the composition), or nullptr
+llama_kv_cache_infllm * llama_infllm_cache_of(llama_memory_i * mem);
+const llama_kv_cache_infllm * llama_infllm_cache_of(const llama_memory_i * mem);
 
 // while llama_init_from_model_infllm creates a context on this thread: keep the first reason a
 // part of the engine refused the model (llama.cpp logs exceptions from graph building and
