@@ -5,7 +5,7 @@ loads in the vendored llama.cpp and gives finite logits with the stock cache. Th
 share the byte-level BPE vocabulary of :func:`pyllama_inf.testing.write_random_llama`
 (278 tokens, BOS 0, EOS 1), so token ids 2..277 are valid for every family.
 
-Sizes: 2 layers (smollm3 4, gemma3 6), n_embd 64, 4 query heads, 2 KV heads (1 for
+Sizes: 2 layers (smollm3 and gemma2 4, gemma3 6), n_embd 64, 4 query heads, 2 KV heads (1 for
 starcoder, multi-query like the real one), head_dim 16 (32 for qwen3 and gemma3,
 set with ``attention.key_length`` like the real models), n_ff 128, f32 weights.
 Matrices are normal with std ``1/sqrt(fan_in)``, token embeddings standard normal,
@@ -23,8 +23,14 @@ qwen2               NEOX rope, q/k/v biases
 qwen3               NEOX rope, per-head q/k RMS norms, head_dim 32 != n_embd/n_head
 phi2                partial NEOX rope (8 of 16 dims), fused QKV with bias, LayerNorm
                     with bias, parallel attention/FFN
+phi3                Phi-3 LongRoPE: ``rope_factors_long`` / ``rope_factors_short``
+                    (the long ones apply: n_ctx > ``rope.scaling.original_context_length``
+                    = 512), fused QKV without bias, fused gate/up FFN
 stablelm            partial NEOX rope (4 of 16 dims), LayerNorm with bias
 gemma               tied output, embeddings scaled by sqrt(n_embd), GELU FFN
+gemma2              sliding-window layers (window 64, every other layer), attention
+                    logit soft-capping (cap 1: the tanh bends the scores of this model),
+                    post norms
 gemma3              sliding-window layers (window 64, pattern 3: layers 2 and 5
                     global), separate rope bases, q/k norms, post norms, head_dim 32
 granite             attention/residual/embedding/logit scales, rope on
@@ -81,8 +87,10 @@ FAMILIES: Dict[str, Family] = {
     "qwen2": Family("qwen2", note="NEOX rope, q/k/v biases"),
     "qwen3": Family("qwen3", head_dim=32, note="per-head q/k norms, head_dim 32"),
     "phi2": Family("phi2", n_rot=8, note="partial rotary 8/16, fused qkv, parallel attn/ffn"),
+    "phi3": Family("phi3", note="LongRoPE long/short factors (long in use), fused qkv and gate/up"),
     "stablelm": Family("stablelm", n_rot=4, note="partial rotary 4/16, LayerNorm with bias"),
     "gemma": Family("gemma", note="gemma 1: tied output, sqrt(n_embd) embedding scale"),
+    "gemma2": Family("gemma2", n_layer=4, note="SWA 64 on layers 0, 2; attention logit soft-cap 1"),
     "gemma3": Family("gemma3", n_layer=6, head_dim=32, note="SWA 64, pattern 3 (layers 2, 5 global)"),
     "granite": Family("granite", note="granite scales, rope on"),
     "granite-norope": Family("granite", note="granite.rope.scaling.finetuned=false: no rope"),
@@ -94,6 +102,9 @@ FAMILIES: Dict[str, Family] = {
 
 N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 2, 32
 SWA_WINDOW, SWA_PATTERN = 64, 3
+# small, so that tanh bends the attention scores: without the cap this model's logits move by
+# an NMSE of 1.4e-2 (measured), though its top-1 tokens stay (test_families checks the NMSE)
+GEMMA2_SOFTCAP = 1.0
 
 _U32 = gguf.GGUFValueType.UINT32
 _F32V = gguf.GGUFValueType.FLOAT32
@@ -140,9 +151,16 @@ def _llama3_rope_factors(n: int) -> np.ndarray:
     return f
 
 
+# Phi-3's original context: the child processes use n_ctx 1024 > 512, so the long factors apply
+PHI3_ORIG_CTX = 512
+
+
 def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 4096,
-                        **kw: Any) -> pathlib.Path:
+                        rope_factors: Optional[np.ndarray] = None, **kw: Any) -> pathlib.Path:
     """Write a tiny random-weight GGUF model of ``family`` (a key of :data:`FAMILIES`).
+
+    ``rope_factors`` (n_rot/2 values) replaces the frequency factors of the families that
+    have them (``llama-rope-freqs``: ``rope_freqs.weight``; ``phi3``: the long factors).
 
     ``kw`` overrides the family's shape (``n_layer``, ``n_embd``, ``n_head``,
     ``n_head_kv``, ``n_ff``, ``head_dim``, ``n_rot``); ``extra_kv`` (a dict) adds or
@@ -168,7 +186,9 @@ def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 
     def put(key: str, value: Any, vtype: gguf.GGUFValueType) -> None:
         kv[key] = gguf.GGUFValue(value, vtype)
 
-    put("general.name", f"random-{family}", _STR)
+    # llama-vocab.cpp looks up "<unk>" and "<|endoftext|>" for any model whose name has
+    # "phi3" in it, which this vocabulary lacks: the phi3 file gets another name
+    put("general.name", "random-longrope" if arch == "phi3" else f"random-{family}", _STR)
     put("general.file_type", int(gguf.LlamaFileType.ALL_F32), _U32)
     put(f"{arch}.context_length", n_ctx_train, _U32)
     put(f"{arch}.embedding_length", n_embd, _U32)
@@ -195,6 +215,12 @@ def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 
         put("gemma3.attention.sliding_window", SWA_WINDOW, _U32)
         put("gemma3.attention.sliding_window_pattern", SWA_PATTERN, _U32)
         put("gemma3.rope.freq_base_swa", 1e4, _F32V)
+    if arch == "gemma2":
+        # src/models/gemma2.cpp: SWA always on, period 2 (layer il is SWA unless il % 2 == 1),
+        # soft-capping always on with the cap read here (default 50)
+        put("gemma2.attention.sliding_window", SWA_WINDOW, _U32)
+        put("gemma2.attn_logit_softcapping", GEMMA2_SOFTCAP, _F32V)
+        put("gemma2.final_logit_softcapping", 30.0, _F32V)
     if arch == "granite":
         # src/models/granite.cpp: logit_scale is required, the others optional
         put("granite.logit_scale", 2.0, _F32V)
@@ -212,6 +238,8 @@ def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 
         put("llama.rope.scaling.factor", 4.0, _F32V)
         put("llama.rope.scaling.original_context_length", 1024, _U32)
         put("llama.rope.scaling.attn_factor", 0.8, _F32V)
+    if arch == "phi3":
+        put("phi3.rope.scaling.original_context_length", PHI3_ORIG_CTX, _U32)
     if arch == "qwen3moe":
         put("qwen3moe.expert_count", N_EXPERT, _U32)
         put("qwen3moe.expert_used_count", N_EXPERT_USED, _U32)
@@ -264,7 +292,13 @@ def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 
     if arch == "starcoder":
         t.matrix("position_embd.weight", n_ctx_train, n_embd, 0.5)
     if family == "llama-rope-freqs":
-        t.vector("rope_freqs.weight", _llama3_rope_factors(rot // 2))
+        t.vector("rope_freqs.weight", _llama3_rope_factors(rot // 2) if rope_factors is None else rope_factors)
+    if arch == "phi3":
+        # src/models/phi3.cpp: model-wide factor tensors; get_rope_factors picks the long ones
+        # when n_ctx_seq > n_ctx_orig_yarn
+        t.vector("rope_factors_long.weight",
+                 np.linspace(1.0, 6.0, rot // 2) if rope_factors is None else rope_factors)
+        t.vector("rope_factors_short.weight", np.linspace(1.0, 1.5, rot // 2))
 
     for i in range(n_layer):
         p = f"blk.{i}"
@@ -297,12 +331,27 @@ def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 
             t.bias(f"{p}.ffn_up.bias", n_ff)
             t.matrix(f"{p}.ffn_down.weight", n_embd, n_ff)
             t.bias(f"{p}.ffn_down.bias", n_embd)
+        elif arch == "phi3":
+            norm(f"{p}.attn_norm")
+            t.matrix(f"{p}.attn_qkv.weight", n_q + 2 * n_kv, n_embd)
+            t.matrix(f"{p}.attn_output.weight", n_embd, n_q)
+            norm(f"{p}.ffn_norm")
+            t.matrix(f"{p}.ffn_up.weight", 2 * n_ff, n_embd)   # gate and up, fused
+            t.matrix(f"{p}.ffn_down.weight", n_embd, n_ff)
         elif arch == "stablelm":
             norm(f"{p}.attn_norm", with_bias=True)
             qkv_separate(p, biases=True)
             t.matrix(f"{p}.attn_output.weight", n_embd, n_q)
             norm(f"{p}.ffn_norm", with_bias=True)
             swiglu_ffn(p)
+        elif arch == "gemma2":
+            norm(f"{p}.attn_norm")
+            qkv_separate(p)
+            t.matrix(f"{p}.attn_output.weight", n_embd, n_q)
+            norm(f"{p}.post_attention_norm")
+            norm(f"{p}.ffn_norm")
+            swiglu_ffn(p)
+            norm(f"{p}.post_ffw_norm")
         elif arch == "gemma3":
             norm(f"{p}.attn_norm")
             qkv_separate(p)
@@ -336,7 +385,7 @@ def write_random_family(path, family: str, *, seed: int = 0, n_ctx_train: int = 
             raise AssertionError(arch)
 
     norm("output_norm", with_bias=layer_norm)
-    if arch != "gemma":   # gemma ties the output to token_embd (llama.cpp requires it)
+    if arch not in ("gemma", "gemma2"):   # these tie the output to token_embd (llama.cpp requires it)
         t.matrix("output.weight", n_vocab, n_embd)
     if arch == "phi2":
         t.bias("output.bias", n_vocab)

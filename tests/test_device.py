@@ -123,6 +123,30 @@ def test_offload_is_bit_identical_and_really_moves_blocks(tiny_model, device, po
     assert o.callbacks > 0 and 0 < o.hits + o.misses <= r.selections * cfg.topk
 
 
+@pytest.fixture(scope="module")
+def gemma3_tiny(tmp_path_factory):
+    """A tiny random Gemma 3 (tests/families.py): sliding-window layers 0, 1, 3, 4, global 2, 5."""
+    from families import write_random_family
+    return str(write_random_family(tmp_path_factory.mktemp("swa") / "gemma3.gguf", "gemma3"))
+
+
+def test_sliding_window_model(gemma3_tiny, device):
+    """The sliding-window layers in llama.cpp's SWA cache, the global ones in the InfLLM cache,
+    both on the device: with the window covering, stock's answer (same SWA cache size); with
+    blocks, offload changes no bit."""
+    stock, ss = logits(gemma3_tiny, device, swa_full=False)
+    ours, s = logits(gemma3_tiny, device, swa_full=False, kv="infllm", infllm=pi.InfLLMConfig(n_local=1024))
+    top1, nmse = agreement(stock, ours)
+    assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
+    assert list(s.buffers) == list(ss.buffers) != ["CPU"], (s.buffers, ss.buffers)
+    resident, sr = logits(gemma3_tiny, device, kv="infllm", infllm=SMALL)
+    assert sr.infllm.n_blocks > 10 and sr.infllm.selections > 0
+    if offload_refused(gemma3_tiny, device, SMALL):
+        return
+    offload, so = logits(gemma3_tiny, device, kv="infllm", infllm=dataclasses.replace(SMALL, cache_blocks=SMALL.topk))
+    assert np.array_equal(resident, offload) and so.infllm.misses > 0
+
+
 def test_decode_steps_and_window_moves(tiny_model, device, stock):
     """One token per step (the decode path) across window moves: offload equals resident, and
     a pool that holds every block moves nothing once the blocks are there."""

@@ -660,8 +660,10 @@ ggml_tensor * llama_infllm_build_attn(
         v = ggml_cast(ctx0, v, GGML_TYPE_F16);
     }
     ggml_tensor * q = ggml_permute(ctx0, q_att, 0, 2, 1, 3);          // [d_k, n_q, n_head]
+    // Gemma 2's attention logit soft-capping, as llama.cpp's flash-attention path passes it
+    const float softcap = g.hparams.attn_soft_cap ? g.hparams.f_attn_logit_softcapping : 0.0f;
     ggml_tensor * fa = ggml_flash_attn_ext(ctx0, q, ggml_permute(ctx0, k, 0, 2, 1, 3), ggml_permute(ctx0, v, 0, 2, 1, 3),
-                                           inp->kq_mask, kq_scale, 0.0f, 0.0f);
+                                           inp->kq_mask, kq_scale, 0.0f, softcap);
     ggml_prec_set_acc(fa, GGML_PREC_F32);
     return infllm_output(g, hv(ggml_reshape_2d(ctx0, fa, d_v*n_head, n_q)), wo, wo_b, wo_s, il);
 }

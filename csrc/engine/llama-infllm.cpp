@@ -90,8 +90,8 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     if (hp.is_mla()) {
         refuse("models with multi-head latent attention (MLA) are not supported");
     }
-    if (hp.use_alibi || hp.attn_soft_cap) {
-        refuse("ALiBi and attention logit soft-capping are not supported");
+    if (hp.use_alibi) {
+        refuse("ALiBi is not supported");
     }
     if (hp.n_pos_per_embd() != 1) {
         refuse("the model must use one position per token (multi-section RoPE is not supported)");

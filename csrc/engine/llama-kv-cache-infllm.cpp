@@ -183,7 +183,9 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
     }
     {
         const char * env = std::getenv("PYLLAMA_INF_ATTN");
-        one_query_kernel = buft == ggml_backend_cpu_buffer_type() && llama_infllm_attn_cpu_type_ok(type_k) &&
+        // not with attention logit soft-capping (Gemma 2): ggml's flash attention applies it
+        one_query_kernel = buft == ggml_backend_cpu_buffer_type() && !hparams.attn_soft_cap &&
+                           llama_infllm_attn_cpu_type_ok(type_k) &&
                            llama_infllm_attn_cpu_type_ok(type_v) && !(env && std::strcmp(env, "ggml") == 0);
     }
 
