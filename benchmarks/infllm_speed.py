@@ -44,10 +44,12 @@ def infllm_counters(m: pi.Model) -> dict:
 def measure(model: str, cache: str, depths: list[int], threads: int, n_gen: int, n_gpu_layers: int) -> dict:
     n_ctx = max(depths) + n_gen + 64
     out = {}
-    with pi.Model(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=CHUNK, n_gpu_layers=n_gpu_layers,
+    # n_batch = n_ubatch: one progress callback per 512-token chunk
+    with pi.Model(model, n_ctx=n_ctx, n_threads=threads, n_batch=CHUNK, n_ubatch=CHUNK, n_gpu_layers=n_gpu_layers,
                   **CACHES[cache]) as m:
         for d in depths:
             prompt = prompt_of(m, d)
+            m.reset()   # every depth from an empty context
             stamps = [(0, time.perf_counter())]
             before = infllm_counters(m)
             r = m.generate(prompt, max_tokens=n_gen + 1, temperature=0,

@@ -52,7 +52,7 @@ def passkeys(model, cache, t, length, depths, threads):
 
 
 def speed(model, cache, t, depth, n_gen, threads):
-    with pi.Model(model, n_ctx=depth + n_gen + 64, n_threads=threads, n_ubatch=CHUNK, type_k=t, type_v=t,
+    with pi.Model(model, n_ctx=depth + n_gen + 64, n_threads=threads, n_batch=CHUNK, n_ubatch=CHUNK, type_k=t, type_v=t,
                   **CACHES[cache]) as m:
         prompt = prompt_of(m, depth)
         stamps = [(0, time.perf_counter())]

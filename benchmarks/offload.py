@@ -60,7 +60,8 @@ def cost(model: str, length: int, n_gen: int, budgets: dict, threads: int) -> li
     rows = []
     for name, kw in budgets.items():
         budget = kw.get("kv_budget")
-        with pi.Model(model, n_ctx=length + n_gen + 64, n_threads=threads, kv="infllm", **kw) as m:
+        # n_batch = n_ubatch: the last progress interval is one 512-token chunk
+        with pi.Model(model, n_ctx=length + n_gen + 64, n_threads=threads, n_batch=512, kv="infllm", **kw) as m:
             prompt = prompt_of(m, length)
             stamps = [(0, time.perf_counter())]
             before = {}

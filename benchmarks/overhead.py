@@ -55,6 +55,7 @@ def ours(model: str, threads: int, depths: list[int], reps: int) -> dict:
             prompt = prompt_of(m, d + UBATCH)
             rates = []
             for _ in range(reps):
+                m.reset()   # llama-bench evaluates each repetition from an empty context
                 stamps = [(0, time.perf_counter())]
                 r = m.generate(prompt, max_tokens=0,
                                progress=lambda done, total: stamps.append((done, time.perf_counter())))
@@ -68,6 +69,7 @@ def ours(model: str, threads: int, depths: list[int], reps: int) -> dict:
             prompt = prompt_of(m, max(d, 8))
             rates, counts = [], []
             for _ in range(reps):
+                m.reset()
                 r = m.generate(prompt, max_tokens=N_GEN + 1, temperature=0)
                 rates.append(r.timings.decode_tok_s)
                 counts.append(r.timings.decode_tokens)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import queue
 import threading
+import time
+import uuid
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -16,9 +19,12 @@ from . import _core
 from ._devices import check_rpc_servers, parse_rpc_servers
 from ._memory import check_host_kv
 from .config import InfLLMConfig, parse_bytes
-from .errors import ModelClosedError, PyllamaError
+from . import _state
+from .errors import ModelClosedError, PyllamaError, StateError
 from .gguf_info import _row_bytes, check_gguf
 from ._text import TextAssembler
+
+logger = logging.getLogger("pyllama_inf")
 
 KV_MODES = ("full", "infllm")
 _MAX_SEED = 2**32 - 2          # 2**32 - 1 is llama.cpp's "random seed" marker
@@ -59,7 +65,9 @@ class GenerationResult:
     n_prompt_tokens: tokens in the evaluated prompt.
     finish_reason: ``"stop"`` (end-of-generation token or stop string) or ``"length"``
         (max_tokens reached or the context is full).
-    timings: see :class:`Timings`.
+    timings: see :class:`Timings` (its prompt_tokens are the ones evaluated).
+    n_reused_tokens: prompt tokens the context already held from an earlier call and that
+        were not evaluated again (prefix reuse).
     """
 
     text: str
@@ -67,6 +75,7 @@ class GenerationResult:
     n_prompt_tokens: int
     finish_reason: str
     timings: Timings
+    n_reused_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,11 @@ class KVStats:
     buffers: bytes per llama.cpp buffer type name.
     graphs_reused: llama.cpp compute graphs reused (not rebuilt) since the model was loaded.
     infllm: :class:`InfLLMStats` for kv="infllm", else None.
+    reused_tokens: prompt tokens taken from the context instead of evaluated, over all calls.
+    reuse_fallbacks: calls whose prompt shared a prefix with the context that the cache could
+        not go back to (the InfLLM ring, or a window-size sliding-window cache, had already
+        overwritten what the next token attends to), so the prompt was evaluated from the
+        start; each one is also logged as a warning.
     """
 
     kv: str
@@ -158,6 +172,8 @@ class KVStats:
     buffers: Dict[str, int] = field(default_factory=dict)
     graphs_reused: int = 0
     infllm: Optional[InfLLMStats] = None
+    reused_tokens: int = 0
+    reuse_fallbacks: int = 0
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:
@@ -270,8 +286,10 @@ class Model:
         before loading: unreachable or not an RPC server of this llama.cpp version ->
         ``ConnectionError``. A server that dies while a model uses it ends this process
         (llama.cpp's RPC client aborts).
-    n_batch: most tokens handed to llama.cpp at once; n_ubatch: tokens per compute step
-        (the prompt is evaluated in n_ubatch chunks).
+    n_batch: most prompt tokens handed to llama.cpp in one call (it computes them in
+        n_ubatch steps; fewer calls mean fewer progress callbacks and, on several GPUs,
+        pipelined steps); n_ubatch: tokens per compute step. Steps start at multiples of
+        n_ubatch, whatever the calls.
     flash_attn: True / False, or None to let llama.cpp decide.
     swa_full: models with sliding-window layers (Gemma 2/3, Cohere 2, ...): True keeps all
         n_ctx positions of those layers, False only their window (plus one ubatch), as
@@ -309,6 +327,17 @@ class Model:
     A context whose KV cache cannot fit in host memory (the stock cache when its K/V live in
     host memory; the InfLLM host store at a full context) raises ``ValueError`` before
     anything is allocated.
+
+    The context is kept between calls: a prompt that starts with tokens the context already
+    holds (the same document with another question, the conversation so far) evaluates only
+    the rest (``GenerationResult.n_reused_tokens``). The results are those of evaluating the
+    whole prompt afresh: bit-identical where the kept tokens were evaluated as a prompt
+    (tokens generated one at a time are kept as they were computed). The InfLLM cache keeps
+    a prefix that ends on the n_ubatch grid and can go back at most about n_ubatch +
+    ``InfLLMConfig.rewind`` tokens; further back, and where a window-size sliding-window cache
+    lost what the next token attends to, the prompt is evaluated from the start, with a
+    warning in the log and ``KVStats.reuse_fallbacks`` counting it. :meth:`reset` drops the
+    context; :meth:`save_state` / :meth:`load_state` keep it in a file.
 
     Use as a context manager or call :meth:`close`; using the model after close raises
     ``ModelClosedError``. Calls from several threads are serialised.
@@ -368,7 +397,7 @@ class Model:
             params.n_init = infllm.n_init
             params.n_local = infllm.n_local
             params.topk = infllm.topk
-            params.repr_topk = infllm.repr_topk
+            params.rewind = infllm.rewind
             params.absolute = infllm.positions == "absolute"
             if infllm.cache_blocks is not None:
                 if budget is not None:
@@ -392,6 +421,17 @@ class Model:
         check_host_kv(info, params.n_ctx, kv=kv, kv_on_host=kv_on_host, type_k=params.type_k, type_v=params.type_v)
         self.rpc_servers = params.rpc_servers or None
         self.type_k, self.type_v = params.type_k, params.type_v
+        self._info = info
+        self._fingerprint: Optional[str] = None
+        # what decides the memory's layout: a saved state loads only where these are equal
+        self._state_config = {
+            "kv": kv, "n_ctx": params.n_ctx, "n_ubatch": params.n_ubatch, "type_k": params.type_k,
+            "type_v": params.type_v,
+            "swa_full": (kv == "full") if swa_full is None else bool(swa_full),
+            "infllm": None if kv != "infllm" else {
+                "block_size": infllm.block_size, "n_init": infllm.n_init, "n_local": infllm.n_local,
+                "topk": infllm.topk, "positions": infllm.positions, "rewind": infllm.rewind},
+        }
         self._session = _core.Session(params)
         if kv == "infllm":
             _warn_past_training(infllm, params.n_ctx, params.n_ubatch, self._session.n_ctx_train)
@@ -482,15 +522,16 @@ class Model:
     def logits(self, tokens: Sequence[int], *, last_n: Optional[int] = None) -> np.ndarray:
         """Logits of the last ``last_n`` positions (all when None) as float32 ``[n, n_vocab]``.
 
-        The tokens are evaluated from an empty context in n_ubatch chunks (teacher
-        forcing): row i holds the distribution over the token that follows position
-        ``len(tokens) - last_n + i``.
+        Teacher forcing: row i holds the distribution over the token that follows position
+        ``len(tokens) - last_n + i``. Tokens the context already holds are not evaluated
+        again (see the class docstring); afterwards the context holds ``tokens``.
         """
         ids = self._token_list(tokens)
         n = len(ids) if last_n is None else _check_int("last_n", last_n, 1, len(ids))
         with self._lock:
             s = self._s()
-            return s.eval(ids, last_n=n, chunk=s.n_ubatch)
+            with _reuse_log(s):
+                return s.eval(ids, last_n=n, chunk=0)
 
     def generate(self, prompt: str, *, max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -498,7 +539,7 @@ class Model:
                  stream: bool = False,
                  progress: Union[bool, Callable[[int, int], None]] = False
                  ) -> Union[GenerationResult, "TextStream"]:
-        """Generate text after ``prompt``; the context starts empty each time.
+        """Generate text after ``prompt``.
 
         temperature 0 is greedy decoding; otherwise top_k (0 = off), top_p and min_p filter
         the distribution before sampling with ``seed`` (default: the model's seed, else
@@ -509,6 +550,10 @@ class Model:
         its ``result`` attribute holds the :class:`GenerationResult` once it is exhausted.
         ``progress`` shows a progress bar over the prompt evaluation (True) or is called as
         ``progress(done_tokens, total_tokens)`` after each chunk.
+
+        The prompt's tokens that the context already holds are not evaluated again (see the
+        class docstring); afterwards the context holds the prompt and the generated tokens
+        (all but the last one, which was sampled but not evaluated).
 
         Raises ContextFullError when the prompt does not fit into n_ctx.
         """
@@ -529,6 +574,116 @@ class Model:
             return TextStream(run)
         return run.run(on_piece=None)
 
+    # -- the kept context --------------------------------------------------------------
+
+    @property
+    def context_tokens(self) -> List[int]:
+        """The tokens the context holds (positions 0..), in order."""
+        with self._lock:
+            return list(self._s().held)
+
+    def reset(self) -> None:
+        """Drop the context: the next call evaluates its prompt from the start."""
+        with self._lock:
+            self._s().reset()
+
+    def save_state(self, path: Union[str, os.PathLike]) -> None:
+        """Write the context (the tokens it holds and the KV cache, the InfLLM host store
+        included) to ``path``, replacing the file atomically.
+
+        The file records the model (a hash of the GGUF's metadata and tensor layout) and the
+        settings that decide the cache's layout (kv, n_ctx, n_ubatch, type_k/type_v, swa_full,
+        the InfLLM config; not kv_budget, host_budget or cache_blocks, so a state saved with
+        every block on the device loads into an offloading cache and back). Raises
+        StateError when it cannot be written.
+        """
+        path = _state_path(path)
+        with self._lock:
+            s = self._s()
+            head = _state.make_head(self._model_id(), self._state_config, list(s.held))
+            s.save_state(path, head)
+
+    def load_state(self, path: Union[str, os.PathLike]) -> None:
+        """Make the context what :meth:`save_state` wrote to ``path``.
+
+        The next call continues from it as from the context that was saved (prefix reuse
+        included): the logits of the next token are bit-identical. Raises StateError when the
+        file is not a saved state, is truncated or corrupted (the context is unchanged), was
+        saved with another model or other context settings (unchanged; the message names
+        them), or when the cache refuses its contents (the context is then empty).
+        """
+        path = _state_path(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"saved state not found: {path}")
+        head = _state.read_head(path)
+        with self._lock:
+            s = self._s()
+            _state.check_head(path, head, self._model_id(), self._state_config)
+            s.load_state(path)
+            try:
+                s.set_held(head["tokens"])
+            except (ValueError, TypeError) as e:
+                s.reset()
+                raise StateError(f"{path}: the saved tokens do not match the saved cache ({e}); "
+                                 "the context is now empty") from None
+
+    def _model_id(self) -> Dict[str, str]:
+        if self._fingerprint is None:
+            self._fingerprint = _state.fingerprint(self._info)
+        return {"fingerprint": self._fingerprint, "file": os.path.basename(self.path),
+                "architecture": self._info.architecture}
+
+    # -- chat --------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Dict[str, str]], *, add_generation_prompt: bool = True,
+                            template: Optional[str] = None) -> str:
+        """Format ``messages`` (dicts with "role" and "content") as the model's prompt.
+
+        Uses the GGUF's own template (``tokenizer.chat_template``) through llama.cpp's
+        built-in template support, which recognises the common families (ChatML, Llama 2/3,
+        Gemma, Mistral, Phi-3, ...). ``template`` overrides it with a template text or a name
+        llama.cpp knows (e.g. ``"chatml"``). add_generation_prompt ends the text where the
+        assistant's answer starts. Raises UnsupportedError for a template llama.cpp does not
+        know and ValueError when the model has none.
+        """
+        msgs = _check_messages(messages)
+        if template is not None and not isinstance(template, str):
+            raise TypeError("template must be a str or None")
+        with self._lock:
+            return self._s().apply_chat_template(msgs, add_assistant=bool(add_generation_prompt),
+                                                 template=template or "")
+
+    def chat(self, messages: Sequence[Dict[str, str]], *, template: Optional[str] = None,
+             **kwargs) -> Union[GenerationResult, "TextStream"]:
+        """The assistant's answer to ``messages``: :meth:`generate` on the formatted
+        conversation (``kwargs`` are generate's). Called turn after turn with the growing
+        list of messages, each call evaluates only what is new since the context's common
+        prefix with it (the document, the earlier turns).
+        """
+        return self.generate(self.apply_chat_template(messages, template=template), **kwargs)
+
+    def create_chat_completion(self, messages: Sequence[Dict[str, str]], *, max_tokens: Optional[int] = None,
+                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, seed: Optional[int] = None,
+                               stop: Union[str, Sequence[str], None] = None, stream: bool = False,
+                               template: Optional[str] = None):
+        """llama-cpp-python's ``create_chat_completion``: an OpenAI-style
+        ``chat.completion`` dict, or with ``stream=True`` an iterator of
+        ``chat.completion.chunk`` dicts (the first carries the role, the last the
+        finish_reason). max_tokens None: until the end of the turn or a full context.
+        """
+        budget = self.n_ctx if max_tokens is None else max_tokens
+        out = self.chat(messages, template=template, max_tokens=budget, temperature=temperature, top_p=top_p,
+                        top_k=top_k, min_p=min_p, seed=seed, stop=stop, stream=stream)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.path}
+        if stream:
+            return _chat_chunks(out, meta)
+        return {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                             "logprobs": None, "finish_reason": out.finish_reason}],
+                "usage": {"prompt_tokens": out.n_prompt_tokens, "completion_tokens": len(out.tokens),
+                          "total_tokens": out.n_prompt_tokens + len(out.tokens)}}
+
     # -- stats -------------------------------------------------------------------------
 
     def kv_stats(self) -> KVStats:
@@ -544,7 +699,7 @@ class Model:
                            device_bytes=sum(buffers.values()) if inf is None else inf.device_bytes,
                            host_bytes=0 if inf is None else inf.host_bytes,
                            budget_bytes=self.kv_budget, buffers=buffers, graphs_reused=info.graphs_reused,
-                           infllm=extra)
+                           infllm=extra, reused_tokens=info.reused_total, reuse_fallbacks=info.reuse_fallbacks)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"n_ctx={self.n_ctx}, kv={self.kv!r}"
@@ -577,16 +732,17 @@ class _Generation:
                 try:
                     if self.cancel.is_set():
                         raise PyllamaError("the generation was cancelled before it started")
-                    out = s.generate(tokens, sampling=self.sp, on_token=on_token, on_progress=on_progress)
+                    with _reuse_log(s):
+                        out = s.generate(tokens, sampling=self.sp, on_token=on_token, on_progress=on_progress)
                 finally:
                     self.session = None
         tail = text.finish()
         if tail and on_piece is not None:
             on_piece(tail)
-        timings = Timings(prompt_tokens=out.n_prompt_tokens, prefill_s=out.t_prefill_s,
+        timings = Timings(prompt_tokens=out.n_prompt_tokens - out.n_reused, prefill_s=out.t_prefill_s,
                           decode_tokens=out.n_decoded, decode_s=out.t_decode_s)
         return GenerationResult(text=text.text, tokens=list(out.tokens), n_prompt_tokens=out.n_prompt_tokens,
-                                finish_reason=out.finish_reason, timings=timings)
+                                finish_reason=out.finish_reason, timings=timings, n_reused_tokens=out.n_reused)
 
 
 class _progress_callback:
@@ -613,12 +769,15 @@ class _progress_callback:
 
 
 class TextStream:
-    """Iterator over the text pieces of a streaming generation.
+    """Iterator over the text pieces of a streaming generation, as a Python generator is:
+    ``iter(stream)`` is the stream itself, so ``next(stream)`` and later loops continue where
+    the last one stopped, and an exhausted stream stays exhausted.
 
     The generation runs in a worker thread; pieces arrive through a queue. Errors raised
-    by the generation are re-raised from the iterator. Leaving the loop early (break,
-    exception, Ctrl-C) stops the generation at the next token. ``result`` is the
-    :class:`GenerationResult` after the iterator is exhausted.
+    by the generation are re-raised from the iterator. ``result`` is the
+    :class:`GenerationResult` once the stream is exhausted. Leaving a loop early does not
+    stop the generation; :meth:`close` does (at the next token), as does an exception or
+    Ctrl-C while waiting for a piece, leaving a ``with`` block, or dropping the stream.
     """
 
     _DONE = object()
@@ -626,34 +785,112 @@ class TextStream:
     def __init__(self, run: _Generation) -> None:
         self._run = run
         self._queue: "queue.Queue" = queue.Queue()
+        self._finished = False
         self.result: Optional[GenerationResult] = None
-        self._thread = threading.Thread(target=self._work, name="pyllama-inf-generate", daemon=True)
+        # the worker holds the queue and the run, not the stream: dropping the stream closes it
+        self._thread = threading.Thread(target=_stream_worker, args=(run, self._queue, self._DONE),
+                                        name="pyllama-inf-generate", daemon=True)
         self._thread.start()
 
-    def _work(self) -> None:
-        try:
-            result = self._run.run(on_piece=self._queue.put)
-            self._queue.put((self._DONE, result))
-        except BaseException as e:  # handed to the consumer
-            self._queue.put((self._DONE, e))
+    def __iter__(self) -> "TextStream":
+        return self
 
-    def __iter__(self) -> Iterator[str]:
+    def __next__(self) -> str:
+        if self._finished:
+            raise StopIteration
         try:
-            while True:
-                item = self._queue.get()
-                if isinstance(item, tuple) and item and item[0] is self._DONE:
-                    if isinstance(item[1], BaseException):
-                        raise item[1]
-                    self.result = item[1]
-                    return
-                yield item
-        finally:
+            item = self._queue.get()
+        except BaseException:   # Ctrl-C while waiting: stop the generation too
             self.close()
+            raise
+        if isinstance(item, tuple) and item and item[0] is self._DONE:
+            self._finished = True
+            self._thread.join()
+            if isinstance(item[1], BaseException):
+                raise item[1]
+            self.result = item[1]
+            raise StopIteration
+        return item
 
     def close(self) -> None:
-        """Stop the generation (if still running) and wait for the worker."""
+        """Stop the generation (if still running) and wait for the worker; the stream is
+        exhausted afterwards."""
         self._run.cancel.set()
         session = self._run.session
         if session is not None:
             session.cancel()   # stops a prompt evaluation between two graph nodes
         self._thread.join()
+        self._finished = True
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_finished", True):
+            self.close()
+
+
+def _stream_worker(run: _Generation, out: "queue.Queue", done: object) -> None:
+    try:
+        result = run.run(on_piece=out.put)
+        out.put((done, result))
+    except BaseException as e:  # handed to the consumer
+        out.put((done, e))
+
+
+class _reuse_log:
+    """Logs a warning when a call could not reuse the context it shared a prefix with."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def __enter__(self) -> None:
+        self.before = self.session.reuse_fallbacks
+
+    def __exit__(self, *exc) -> None:
+        if self.session.reuse_fallbacks > self.before:
+            logger.warning("the prompt shares a prefix with the context, but the cache cannot go back to it "
+                           "(the InfLLM ring or a window-size sliding-window cache already overwrote what the "
+                           "next token attends to); it was evaluated from the start")
+
+
+def _state_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _check_messages(messages) -> List[tuple]:
+    if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
+        raise TypeError("messages must be a list of dicts with 'role' and 'content'")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise TypeError(f"message {i} must be a dict with 'role' and 'content'")
+        role, content = m["role"], m.get("content")
+        content = "" if content is None else content
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise TypeError(f"message {i}: role and content must be str")
+        for name, text in (("role", role), ("content", content)):
+            if "\0" in text:
+                raise ValueError(f"message {i}: {name} contains a NUL character")
+            _encode(text, f"message {i} {name}")
+        out.append((role, content))
+    if not out:
+        raise ValueError("messages must not be empty")
+    return out
+
+
+def _chat_chunks(stream: "TextStream", meta: dict) -> Iterator[dict]:
+    def chunk(delta: dict, finish: Optional[str]) -> dict:
+        return {**meta, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    with stream:
+        yield chunk({"role": "assistant"}, None)
+        for piece in stream:
+            yield chunk({"content": piece}, None)
+        yield chunk({}, stream.result.finish_reason)

@@ -20,17 +20,23 @@ DEMO_PROMPT = ("<|im_start|>user\nIn two sentences, what is a KV cache in a tran
 
 def _add_infllm_args(g) -> None:
     d = InfLLMConfig()
-    g.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per block (default {d.block_size})")
-    g.add_argument("--n-init", type=int, default=d.n_init, help=f"sink tokens (default {d.n_init})")
-    g.add_argument("--n-local", type=int, default=d.n_local, help=f"local window (default {d.n_local})")
-    g.add_argument("--topk", type=int, default=d.topk, help=f"blocks selected per chunk (default {d.topk})")
-    g.add_argument("--positions", choices=("infllm", "absolute"), default=d.positions,
-                   help="memory at one fixed distance (infllm) or at true positions")
+    # defaults are None, so that a flag given without --kv infllm can be refused
+    g.add_argument("--block-size", type=int, default=None, help=f"tokens per block (default {d.block_size})")
+    g.add_argument("--n-init", type=int, default=None, help=f"sink tokens (default {d.n_init})")
+    g.add_argument("--n-local", type=int, default=None, help=f"local window (default {d.n_local})")
+    g.add_argument("--topk", type=int, default=None, help=f"blocks selected per chunk (default {d.topk})")
+    g.add_argument("--rewind", type=int, default=None,
+                   help=f"ring cells kept to take back the end of the context (default {d.rewind})")
+    g.add_argument("--positions", choices=("infllm", "absolute"), default=None,
+                   help=f"memory at one fixed distance (infllm) or at true positions (default {d.positions})")
+
+
+_INFLLM_FLAGS = ("block_size", "n_init", "n_local", "topk", "rewind", "positions")
 
 
 def _infllm_config(args, **extra) -> InfLLMConfig:
-    return InfLLMConfig(block_size=args.block_size, n_init=args.n_init, n_local=args.n_local, topk=args.topk,
-                        positions=args.positions, **extra)
+    given = {k: getattr(args, k) for k in _INFLLM_FLAGS if getattr(args, k) is not None}
+    return InfLLMConfig(**given, **extra)
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> None:
@@ -42,6 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
     p.add_argument("-mg", "--main-gpu", type=int, default=0, help="the GPU that holds the model (default 0)")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
                    help="run the offloaded layers on llama.cpp rpc-server(s) instead of local GPUs")
+    p.add_argument("-b", "--batch-size", type=int, default=2048, help="most prompt tokens per llama.cpp call (default 2048)")
+    p.add_argument("-ub", "--ubatch-size", type=int, default=512, help="tokens per compute step (default 512)")
     p.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
     p.add_argument("--kv", choices=("full", "infllm"), default="full", help="KV cache type")
     p.add_argument("-ctk", "--cache-type-k", choices=CACHE_TYPES, default="f16", help="K cache type (default f16)")
@@ -103,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_infllm_args(b.add_argument_group("InfLLM cache (the InfLLM budgets)"))
     b.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
 
+    c = sub.add_parser("chat", help="a conversation on the terminal; -f reads a document once, then answers "
+                                     "questions about it from the kept context")
+    _add_model_args(c)
+    c.add_argument("-f", "--file", help="a document to read before the first question")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--template", default=None, help="chat template name or text (default: the model's own)")
+    c.add_argument("--state", default=None, metavar="FILE",
+                   help="load the context from FILE when it exists (same model and settings), else save it "
+                        "there after reading the document")
+    _add_sampling_args(c, n=512, temp=0.2)
+
     d = sub.add_parser("demo", help="fetch the SmolLM2-135M test model and generate with it")
     _add_model_args(d, need_model=False)
     _add_sampling_args(d, n=64, temp=0.0)
@@ -116,8 +135,14 @@ def _model_from_args(args, path: str) -> Model:
     if args.kv == "infllm":
         infllm = _infllm_config(args, cache_blocks=args.cache_blocks)
         extra = dict(kv_budget=_size(args.kv_budget), host_budget=_size(args.host_budget))
+    else:
+        given = [k for k in _INFLLM_FLAGS + ("kv_budget", "cache_blocks", "host_budget") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(", ".join("--" + k.replace("_", "-") for k in given) +
+                             " apply to the InfLLM cache only; add --kv infllm")
     return Model(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 main_gpu=args.main_gpu, rpc_servers=args.rpc, flash_attn=fa, kv=args.kv, infllm=infllm,
+                 main_gpu=args.main_gpu, rpc_servers=args.rpc, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
+                 flash_attn=fa, kv=args.kv, infllm=infllm,
                  seed=args.seed, type_k=args.cache_type_k, type_v=args.cache_type_v, **extra)
 
 
@@ -131,10 +156,10 @@ def _generate(args, path: str, prompt: str) -> None:
                   min_p=args.min_p, stop=args.stop, progress=sys.stderr.isatty())
     with _model_from_args(args, path) as m:
         if args.stream:
-            stream = m.generate(prompt, stream=True, **kwargs)
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with m.generate(prompt, stream=True, **kwargs) as stream:
+                for piece in stream:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
             result = stream.result
             sys.stdout.write("\n")
         else:
@@ -145,6 +170,19 @@ def _generate(args, path: str, prompt: str) -> None:
     print(f"[{t.prompt_tokens} prompt tokens at {t.prefill_tok_s:.1f} tok/s, "
           f"{len(result.tokens)} generated at {t.decode_tok_s:.1f} tok/s, finish: {result.finish_reason}, "
           f"KV {kv.device_bytes / 2**20:.1f} MiB for n_ctx {kv.n_ctx}]", file=sys.stderr)
+
+
+def _chat(args) -> None:
+    from . import chat
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                    min_p=args.min_p, stop=args.stop)
+    document = None
+    if args.file is not None:
+        with open(args.file, encoding="utf-8") as f:
+            document = f.read()
+    with _model_from_args(args, args.model) as m:
+        chat.interactive(m, document=document, system=args.system, template=args.template, state=args.state,
+                         sampling=sampling, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
 
 
 def _inspect(args) -> None:
@@ -207,6 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 with open(args.file, encoding="utf-8") as f:
                     prompt = f.read()
             _generate(args, args.model, prompt)
+        elif args.command == "chat":
+            _chat(args)
         elif args.command == "inspect":
             _inspect(args)
         elif args.command == "passkey":

@@ -48,7 +48,10 @@ class InfLLMConfig:
     n_init: first tokens that every query attends to (attention sinks).
     n_local: size of the local window, attended at true relative positions.
     topk: memory blocks selected per query chunk.
-    repr_topk: representative keys per block.
+    rewind: local-ring cells kept beyond the window, so that a later call whose prompt
+        shares a prefix with the context can take back up to about n_ubatch + rewind of its
+        last tokens (an earlier answer, the previous question) without evaluating everything
+        again. Costs rewind K/V rows per layer on the device; 0 keeps the smallest ring.
     positions: ``"infllm"`` puts memory tokens at one fixed distance (``n_local``) from the
         query, which lets a model run past its trained context; ``"absolute"`` keeps true
         positions.
@@ -65,12 +68,12 @@ class InfLLMConfig:
     n_init: int = 128
     n_local: int = 4096
     topk: int = 16
-    repr_topk: int = 4
+    rewind: int = 1024
     positions: str = "infllm"
     cache_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for field in ("block_size", "n_init", "n_local", "topk", "repr_topk"):
+        for field in ("block_size", "n_init", "n_local", "topk", "rewind"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"InfLLMConfig.{field} must be an int, not {type(value).__name__}")
@@ -84,9 +87,8 @@ class InfLLMConfig:
             raise ValueError(f"InfLLMConfig.n_local must be > 0, got {self.n_local}")
         if self.topk < 0:
             raise ValueError(f"InfLLMConfig.topk must be >= 0, got {self.topk}")
-        if not 1 <= self.repr_topk <= self.block_size:
-            raise ValueError(f"InfLLMConfig.repr_topk must be in [1, block_size={self.block_size}], "
-                             f"got {self.repr_topk}")
+        if self.rewind < 0:
+            raise ValueError(f"InfLLMConfig.rewind must be >= 0, got {self.rewind}")
         if self.cache_blocks is not None:
             if isinstance(self.cache_blocks, bool) or not isinstance(self.cache_blocks, int):
                 raise TypeError(f"InfLLMConfig.cache_blocks must be an int or None, not {type(self.cache_blocks).__name__}")

@@ -6,7 +6,7 @@ Bad arguments raise ``ValueError`` or ``TypeError``, a missing model file
 
 from __future__ import annotations
 
-from ._core import ContextFullError, DecodeError, ModelLoadError, PyllamaError, UnsupportedError
+from ._core import ContextFullError, DecodeError, ModelLoadError, PyllamaError, StateError, UnsupportedError
 
 
 class ModelClosedError(PyllamaError):
@@ -14,4 +14,4 @@ class ModelClosedError(PyllamaError):
 
 
 __all__ = ["PyllamaError", "ModelLoadError", "ContextFullError", "DecodeError",
-           "ModelClosedError", "UnsupportedError"]
+           "ModelClosedError", "StateError", "UnsupportedError"]

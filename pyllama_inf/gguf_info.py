@@ -54,6 +54,8 @@ class ModelInfo:
         file_bytes: size of the file in bytes.
         data_end: offset just past the last byte of tensor data; a complete file is at
             least this long.
+        header_bytes: offset of the tensor data: the metadata and the tensor layout come
+            before it.
     """
 
     path: str
@@ -75,6 +77,7 @@ class ModelInfo:
     n_tensors: int
     file_bytes: int
     data_end: int
+    header_bytes: int = 0
 
     def kv_bytes_per_token(self, type_k: str = "f16", type_v: str = "f16") -> int:
         """Bytes one token occupies in a full (non-windowed) KV cache, over all layers.
@@ -247,6 +250,7 @@ def _model_info(path: str, file_bytes: int, reader: gguf.GGUFReader) -> ModelInf
         n_tensors=len(reader.tensors),
         file_bytes=file_bytes,
         data_end=int(data_end),
+        header_bytes=int(reader.data_offset),
     )
 
 

@@ -130,7 +130,7 @@ CASES = [
     ("topk-negative", "pi.InfLLMConfig(topk=-1)", ("ValueError",), "topk"),
     ("n_local-0", "pi.InfLLMConfig(n_local=0)", ("ValueError",), "n_local"),
     ("n_init-negative", "pi.InfLLMConfig(n_init=-4)", ("ValueError",), "n_init"),
-    ("repr_topk-over-block", "pi.InfLLMConfig(block_size=16, repr_topk=17)", ("ValueError",), "repr_topk"),
+    ("rewind-negative", "pi.InfLLMConfig(rewind=-1)", ("ValueError",), "rewind"),
     ("positions-unknown", "pi.InfLLMConfig(positions='rope')", ("ValueError",), "positions"),
     ("block_size-huge", "pi.InfLLMConfig(block_size=2**40)", ("ValueError",), "block_size"),
     ("config-type", "model(kv='infllm', infllm={'topk': 4})", ("TypeError",), "InfLLMConfig"),

@@ -53,14 +53,14 @@ def test_generate_parameters(tiny, max_tokens, temperature, top_k, top_p, min_p,
 
 @fuzz(60)
 @given(block_size=st.integers(-2, 300), n_init=st.integers(-2, 300), n_local=st.integers(-2, 1200),
-       topk=st.integers(-2, 40), repr_topk=st.integers(-1, 20), positions=st.sampled_from(["infllm", "absolute", "x"]),
+       topk=st.integers(-2, 40), rewind=st.integers(-1, 600), positions=st.sampled_from(["infllm", "absolute", "x"]),
        cache_blocks=st.one_of(st.none(), st.integers(-1, 50)), n_ctx=st.integers(16, 1024),
        budget=st.one_of(st.none(), st.integers(-1, 2**26), st.sampled_from(["1MiB", "junk", "0"])))
-def test_infllm_configs(tiny_model, block_size, n_init, n_local, topk, repr_topk, positions, cache_blocks,
+def test_infllm_configs(tiny_model, block_size, n_init, n_local, topk, rewind, positions, cache_blocks,
                         n_ctx, budget):
     try:
         cfg = pi.InfLLMConfig(block_size=block_size, n_init=n_init, n_local=n_local, topk=topk,
-                              repr_topk=repr_topk, positions=positions, cache_blocks=cache_blocks)
+                              rewind=rewind, positions=positions, cache_blocks=cache_blocks)
         m = pi.Model(tiny_model, n_ctx=n_ctx, n_threads=1, kv="infllm", infllm=cfg, kv_budget=budget)
     except ALLOWED:
         return

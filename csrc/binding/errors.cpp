@@ -15,4 +15,6 @@ void register_errors(py::module_ & m) {
         .doc() = "The model or the requested configuration is not supported (yet).";
     py::register_exception<decode_error>      (m, "DecodeError",      base.ptr())
         .doc() = "llama.cpp failed to evaluate a batch.";
+    py::register_exception<state_error>       (m, "StateError",       base.ptr())
+        .doc() = "A saved state could not be written, or read into this model's context.";
 }

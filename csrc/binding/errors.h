@@ -25,3 +25,7 @@ struct unsupported_error : pyllama_error {
 struct decode_error : pyllama_error {
     using pyllama_error::pyllama_error;
 };
+
+struct state_error : pyllama_error {
+    using pyllama_error::pyllama_error;
+};

@@ -84,6 +84,7 @@ struct generation_output {
     std::string finish_reason;     // "stop" or "length"
     int32_t n_prompt_tokens = 0;
     int32_t n_decoded       = 0;   // single-token llama_decode calls
+    int32_t n_reused        = 0;   // prompt tokens the context already held (not evaluated)
     double  t_prefill_s     = 0.0;
     double  t_decode_s      = 0.0;
 };
@@ -98,6 +99,8 @@ struct kv_info {
     int32_t n_tokens = 0;
     std::vector<kv_buffer> buffers;
     int32_t graphs_reused = 0;   // llama.cpp compute graphs reused since the context was made
+    int64_t reused_total = 0;    // prompt tokens taken from the context (prefix reuse)
+    int64_t reuse_fallbacks = 0; // calls whose shared prefix the cache could not go back to
     bool infllm = false;
     llama_infllm_stats infllm_stats{};
 };
@@ -213,10 +216,47 @@ private:
     // evaluates tokens[begin, end) at positions pos0.., logits for those with index >= out_from
     void decode_range(const std::vector<llama_token> & tokens, size_t begin, size_t end, llama_pos pos0, size_t out_from);
 
-    // evaluates all tokens from an empty context in chunks of `chunk`, calling
-    // on_chunk(done) after each chunk with the GIL held
+    // The tokens the context holds (positions 0..), and what prefix reuse did.
+    std::vector<llama_token> held;
+    int64_t n_reused_total = 0;   // prompt tokens taken from the context instead of evaluated
+    int64_t n_fallbacks    = 0;   // calls that shared a prefix the cache could not go back to
+    int32_t n_reused_last  = 0;
+
+    // Makes the context hold the longest prefix of `tokens` (at most max_keep tokens) that it
+    // can keep, and returns its length; the caller evaluates the rest. Kept prefixes end on the
+    // n_ubatch grid, so that the rest is evaluated in the ubatches of a fresh evaluation; when
+    // the cache cannot go back that far (the InfLLM ring or a window-size sliding-window cache
+    // overwrote the window) the context starts empty.
+    size_t reuse_prefix(const std::vector<llama_token> & tokens, size_t max_keep);
+
+    // drops the context (memory and held tokens)
+    void reset_context();
+
+    // Evaluates tokens[begin, n) at positions begin.. (the context holds tokens[0, begin)),
+    // logits for those with index >= out_from. Calls llama_decode with up to n_batch tokens
+    // that end on the n_ubatch grid (up to n_ubatch when they ask for logits), so llama.cpp's
+    // ubatches start where a fresh evaluation's would; chunk > 0 uses calls of `chunk` tokens
+    // instead. on_chunk(b, e) follows each call. On an exception the context is dropped.
     template <typename F>
-    void evaluate_from_empty(const std::vector<llama_token> & tokens, size_t chunk, size_t out_from, F && on_chunk);
+    void evaluate(const std::vector<llama_token> & tokens, size_t begin, size_t out_from, size_t chunk, F && on_chunk);
+
+public:
+    void reset() { ctx_checked(); reset_context(); }
+    std::vector<llama_token> held_tokens() const { return held; }
+    void set_held(const std::vector<llama_token> & tokens) {
+        const llama_pos n = llama_memory_seq_pos_max(llama_get_memory(ctx_checked()), 0) + 1;
+        if ((llama_pos) tokens.size() != n) {
+            throw py::value_error("the context holds " + std::to_string(n) + " tokens, not " + std::to_string(tokens.size()));
+        }
+        check_tokens(tokens);
+        held = tokens;
+    }
+    int64_t fallbacks() const { return n_fallbacks; }
+    void save_state(const std::string & path, const std::string & meta);
+    void load_state(const std::string & path);
+    std::string chat_template() const;
+    std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
+                                    bool add_assistant, const std::string & tmpl) const;
 };
 
 std::vector<ggml_backend_dev_t> session::model_devices(const std::string & rpc_servers) {
@@ -437,13 +477,64 @@ void session::decode_range(const std::vector<llama_token> & tokens, size_t begin
     }
 }
 
+void session::reset_context() {
+    held.clear();
+    llama_infllm_keep_prefix(ctx.get(), 0);
+}
+
+size_t session::reuse_prefix(const std::vector<llama_token> & tokens, size_t max_keep) {
+    size_t p = 0;
+    const size_t lim = std::min({held.size(), tokens.size(), max_keep});
+    while (p < lim && held[p] == tokens[p]) {
+        ++p;
+    }
+    // the prefix kept ends on the n_ubatch grid: the rest is then evaluated in the ubatches a
+    // fresh evaluation uses, and a token's result depends on its ubatch (the InfLLM cache
+    // selects blocks per ubatch; ggml picks kernels, and so summation orders, by batch size)
+    const size_t grid = (size_t) n_ubatch();
+    const size_t keep = p/grid*grid;
+    n_reused_last = 0;
+    if (keep > 0 && keep == held.size()) {
+        n_reused_last = (int32_t) keep;
+    } else if (keep > 0 && llama_infllm_keep_prefix(ctx.get(), (llama_pos) keep) == 1) {
+        held.resize(keep);
+        n_reused_last = (int32_t) keep;
+    } else {
+        n_fallbacks += keep > 0;   // the Python layer logs it
+        reset_context();
+    }
+    n_reused_total += n_reused_last;
+    return (size_t) n_reused_last;
+}
+
 template <typename F>
-void session::evaluate_from_empty(const std::vector<llama_token> & tokens, size_t chunk, size_t out_from, F && on_chunk) {
-    llama_memory_clear(llama_get_memory(ctx.get()), true);
-    for (size_t begin = 0; begin < tokens.size(); begin += chunk) {
-        const size_t end = std::min(tokens.size(), begin + chunk);
-        decode_range(tokens, begin, end, (llama_pos) begin, out_from);
-        on_chunk(begin, end);
+void session::evaluate(const std::vector<llama_token> & tokens, size_t begin, size_t out_from, size_t chunk, F && on_chunk) {
+    const size_t n  = tokens.size();
+    const size_t nu = (size_t) n_ubatch();
+    const size_t nb = std::max(nu, (size_t) n_batch()/nu*nu);
+    try {
+        for (size_t b = begin; b < n; ) {
+            size_t e;
+            if (chunk > 0) {
+                e = std::min(n, b + chunk);
+            } else {
+                // llama.cpp cuts a call into ubatches from its start: a call that starts off the
+                // grid (chunk > 0 before) ends at the next grid point
+                e = std::min(n, b % nu != 0 ? (b/nu + 1)*nu : b + nb);
+                const size_t first_out = std::max(b, out_from);
+                if (e > first_out + nu) {
+                    // at most a ubatch of logit rows per call: llama.cpp keeps one call's rows
+                    e = (first_out + nu)/nu*nu;
+                }
+            }
+            decode_range(tokens, b, e, (llama_pos) b, out_from);
+            held.insert(held.end(), tokens.begin() + (std::ptrdiff_t) b, tokens.begin() + (std::ptrdiff_t) e);
+            on_chunk(b, e);
+            b = e;
+        }
+    } catch (...) {
+        reset_context();   // a failed or cancelled llama_decode leaves the cache undefined
+        throw;
     }
 }
 
@@ -460,8 +551,8 @@ py::array_t<float> session::eval(const std::vector<llama_token> & tokens, int32_
     if (last_n <= 0 || (size_t) last_n > n) {
         throw py::value_error("last_n must be in [1, " + std::to_string(n) + "], got " + std::to_string(last_n));
     }
-    if (chunk <= 0 || chunk > n_ubatch()) {
-        throw py::value_error("chunk must be in [1, n_ubatch = " + std::to_string(n_ubatch()) + "]");
+    if (chunk < 0 || chunk > n_ubatch()) {
+        throw py::value_error("chunk must be 0 (the default) or in [1, n_ubatch = " + std::to_string(n_ubatch()) + "]");
     }
     const size_t nv       = (size_t) n_vocab();
     const size_t out_from = n - (size_t) last_n;
@@ -469,13 +560,19 @@ py::array_t<float> session::eval(const std::vector<llama_token> & tokens, int32_
     std::vector<float> out((size_t) last_n * nv);
     {
         py::gil_scoped_release nogil;
-        evaluate_from_empty(tokens, (size_t) chunk, out_from, [&](size_t begin, size_t end) {
-            for (size_t i = std::max(begin, out_from); i < end; ++i) {
-                const float * row = llama_get_logits_ith(ctx.get(), (int32_t) (i - begin));
+        // chunk > 0: a fresh evaluation in chunks of that size, off the grid that prefix reuse
+        // relies on, so the context is not reused afterwards
+        const size_t begin = chunk > 0 ? (reset_context(), 0) : reuse_prefix(tokens, out_from);
+        evaluate(tokens, begin, out_from, (size_t) chunk, [&](size_t b, size_t e) {
+            for (size_t i = std::max(b, out_from); i < e; ++i) {
+                const float * row = llama_get_logits_ith(ctx.get(), (int32_t) (i - b));
                 std::memcpy(out.data() + (i - out_from) * nv, row, nv * sizeof(float));
             }
             with_gil_and_signals([] {});
         });
+        if (chunk > 0) {
+            held.clear();
+        }
     }
     py::array_t<float> arr({(py::ssize_t) last_n, (py::ssize_t) nv});
     std::memcpy(arr.mutable_data(), out.data(), out.size() * sizeof(float));
@@ -534,7 +631,11 @@ generation_output session::generate(const std::vector<llama_token> & prompt, con
         py::gil_scoped_release nogil;
 
         const auto t0 = clock_type::now();
-        evaluate_from_empty(prompt, (size_t) n_ubatch(), prompt.size() - 1, [&](size_t, size_t end) {
+        // the last prompt token is evaluated again when the context holds all of them: its logits
+        // are not kept
+        const size_t begin = reuse_prefix(prompt, prompt.size() - 1);
+        out.n_reused = (int32_t) begin;
+        evaluate(prompt, begin, prompt.size() - 1, 0, [&](size_t, size_t end) {
             with_gil_and_signals([&] {
                 if (!on_progress.is_none()) {
                     on_progress(end, prompt.size());
@@ -568,12 +669,84 @@ generation_output session::generate(const std::vector<llama_token> & prompt, con
                 break;   // "length": the budget or the context is used up
             }
             one[0] = tok;
-            decode_range(one, 0, 1, n_past, 0);
+            try {
+                decode_range(one, 0, 1, n_past, 0);
+            } catch (...) {
+                reset_context();
+                throw;
+            }
+            held.push_back(tok);
             n_past++;
             out.n_decoded++;
         }
         out.t_decode_s = seconds_since(t1);
     }
+    return out;
+}
+
+void session::save_state(const std::string & path, const std::string & meta) {
+    ctx_checked();
+    char err[1024] = {0};
+    int32_t rc;
+    {
+        py::gil_scoped_release nogil;
+        rc = llama_infllm_state_save(ctx.get(), path.c_str(), meta.data(), meta.size(), err, sizeof(err));
+    }
+    if (rc != 0) {
+        throw state_error(std::string("could not save the state to '") + path + "': " + err);
+    }
+}
+
+void session::load_state(const std::string & path) {
+    ctx_checked();
+    char err[1024] = {0};
+    int32_t rc;
+    {
+        py::gil_scoped_release nogil;
+        rc = llama_infllm_state_load(ctx.get(), path.c_str(), err, sizeof(err));
+    }
+    if (rc == -2) {
+        held.clear();   // the memory was cleared
+    }
+    if (rc != 0) {
+        throw state_error(std::string("could not load the state from '") + path + "': " + err +
+                          (rc == -2 ? " (the context is now empty)" : " (the context is unchanged)"));
+    }
+    held.clear();   // the caller sets the tokens the state holds (set_held)
+}
+
+std::string session::chat_template() const {
+    const char * t = llama_model_chat_template(model_checked(), nullptr);
+    return t ? t : "";
+}
+
+std::string session::apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
+                                         bool add_assistant, const std::string & tmpl) const {
+    std::vector<llama_chat_message> msgs;
+    msgs.reserve(messages.size());
+    size_t total = 0;
+    for (const auto & [role, content] : messages) {
+        msgs.push_back({role.c_str(), content.c_str()});
+        total += role.size() + content.size();
+    }
+    const char * t = tmpl.empty() ? nullptr : tmpl.c_str();
+    if (t == nullptr) {
+        t = llama_model_chat_template(model_checked(), nullptr);
+    }
+    if (t == nullptr) {
+        throw py::value_error("the model has no chat template (tokenizer.chat_template); pass one by name, e.g. 'chatml'");
+    }
+    std::string out(2*total + 1024, '\0');
+    int32_t n = llama_chat_apply_template(t, msgs.data(), msgs.size(), add_assistant, out.data(), (int32_t) out.size());
+    if (n > (int32_t) out.size()) {
+        out.resize((size_t) n);
+        n = llama_chat_apply_template(t, msgs.data(), msgs.size(), add_assistant, out.data(), (int32_t) out.size());
+    }
+    if (n < 0) {
+        throw unsupported_error("llama.cpp does not know this chat template (it recognises the common ones by their "
+                                "markers: chatml, llama2/3, gemma, mistral, phi3, ...); pass a known one by name");
+    }
+    out.resize((size_t) n);
     return out;
 }
 
@@ -583,6 +756,8 @@ kv_info session::kv() const {
     info.n_tokens = llama_memory_seq_pos_max(llama_get_memory(c), 0) + 1;
     info.infllm = llama_infllm_get_stats(c, &info.infllm_stats) == 0;
     info.graphs_reused = llama_perf_context(c).n_reused;
+    info.reused_total  = n_reused_total;
+    info.reuse_fallbacks = n_fallbacks;
     for (const auto & [buft, mb] : llama_get_memory_breakdown(c)) {
         if (mb.context > 0) {
             info.buffers.push_back({ggml_backend_buft_name(buft), ggml_backend_buft_is_host(buft), mb.context});
@@ -643,8 +818,8 @@ void register_session(py::module_ & m) {
                                     [](session_params & p, uint32_t v) { p.iparams.n_local = v; })
         .def_property("topk",       [](const session_params & p) { return p.iparams.topk; },
                                     [](session_params & p, uint32_t v) { p.iparams.topk = v; })
-        .def_property("repr_topk",  [](const session_params & p) { return p.iparams.repr_topk; },
-                                    [](session_params & p, uint32_t v) { p.iparams.repr_topk = v; })
+        .def_property("rewind",     [](const session_params & p) { return p.iparams.rewind; },
+                                    [](session_params & p, uint32_t v) { p.iparams.rewind = v; })
         .def_property("absolute",   [](const session_params & p) { return p.iparams.absolute; },
                                     [](session_params & p, bool v) { p.iparams.absolute = v; })
         .def_property("budget_bytes", [](const session_params & p) { return p.iparams.budget_bytes; },
@@ -692,6 +867,7 @@ void register_session(py::module_ & m) {
         .def_readonly("finish_reason",   &generation_output::finish_reason)
         .def_readonly("n_prompt_tokens", &generation_output::n_prompt_tokens)
         .def_readonly("n_decoded",       &generation_output::n_decoded)
+        .def_readonly("n_reused",        &generation_output::n_reused)
         .def_readonly("t_prefill_s",     &generation_output::t_prefill_s)
         .def_readonly("t_decode_s",      &generation_output::t_decode_s);
 
@@ -704,6 +880,8 @@ void register_session(py::module_ & m) {
         .def_readonly("n_tokens", &kv_info::n_tokens)
         .def_readonly("buffers",  &kv_info::buffers)
         .def_readonly("graphs_reused", &kv_info::graphs_reused)
+        .def_readonly("reused_total", &kv_info::reused_total)
+        .def_readonly("reuse_fallbacks", &kv_info::reuse_fallbacks)
         .def_property_readonly("infllm", [](const kv_info & k) -> py::object {
             return k.infllm ? py::cast(k.infllm_stats) : py::none();
         }, "InfLLMStats, or None for the stock cache");
@@ -728,6 +906,19 @@ void register_session(py::module_ & m) {
              "Evaluate the prompt, then sample until EOG, max_tokens, a full context or on_token(token, piece)\n"
              "returning False. on_progress(done, total) follows the prompt evaluation. Releases the GIL.")
         .def("kv", &session::kv, "KV cache token count and bytes per buffer type.")
+        .def("reset", &session::reset, "Drop the context (the next call evaluates its prompt from the start).")
+        .def_property_readonly("held", &session::held_tokens, "The tokens the context holds.")
+        .def_property_readonly("reuse_fallbacks", &session::fallbacks,
+                               "Calls whose shared prefix the cache could not go back to.")
+        .def("set_held", &session::set_held, py::arg("tokens"), "Declare the tokens a loaded state holds.")
+        .def("save_state", &session::save_state, py::arg("path"), py::arg("meta"),
+             "Write the context's memory to path after the head bytes `meta` (releases the GIL).")
+        .def("load_state", &session::load_state, py::arg("path"),
+             "Read a state written by save_state into the memory (releases the GIL).")
+        .def("chat_template", &session::chat_template, "The model's chat template ('' when it has none).")
+        .def("apply_chat_template", &session::apply_chat_template, py::arg("messages"), py::kw_only(),
+             py::arg("add_assistant"), py::arg("template"),
+             "Format (role, content) messages with llama.cpp's built-in template support.")
         .def("cancel", &session::cancel, py::call_guard<py::gil_scoped_release>(),
              "Ask a running eval/generate (in another thread) to stop at the next graph node.")
         .def_property_readonly("n_vocab",     &session::n_vocab)

@@ -584,13 +584,35 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     std::vector<float>   bias(TILE);
     std::vector<float>   m(n_head), l(n_head);
 
+    // chunks hold equal numbers of attended cells: masked ones (the ring cells before the
+    // window, kept for rewinding, and the padding) cost no work and must not unbalance threads
+    std::vector<int64_t> bound(n_chunks + 1, n_kv);
+    bound[0] = 0;
+    {
+        int64_t total = 0;
+        for (int64_t c = 0; c < n_kv; ++c) {
+            total += mask_value(mrow[c]) != -INFINITY;
+        }
+        int64_t seen = 0;
+        int64_t k    = 1;
+        for (int64_t c = 0; c < n_kv && k < n_chunks; ++c) {
+            if (mask_value(mrow[c]) == -INFINITY) {
+                continue;
+            }
+            while (k < n_chunks && seen == k*total/n_chunks) {
+                bound[k++] = c;
+            }
+            ++seen;
+        }
+    }
+
     // each thread takes a contiguous run of chunks, so its reads (and prefetches) run straight on
     const int64_t ch0 = ith*n_chunks/nth;
     const int64_t ch1 = (ith + 1)*n_chunks/nth;
-    const int64_t c_end = ch1*n_kv/n_chunks;
+    const int64_t c_end = bound[ch1];
     for (int64_t ch = ch0; ch < ch1; ++ch) {
-        const int64_t c0 = ch*n_kv/n_chunks;
-        const int64_t c1 = (ch + 1)*n_kv/n_chunks;
+        const int64_t c0 = bound[ch];
+        const int64_t c1 = bound[ch + 1];
 
         std::fill(m.begin(), m.end(), -INFINITY);
         std::fill(l.begin(), l.end(), 0.0f);
@@ -604,7 +626,7 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             // a tile never crosses a segment: its rows are in one tensor and see one query
             const int64_t t1 = std::min({t + TILE, c1, seg.end});
             const int64_t pf = t + PREFETCH_TILES*TILE;
-            if (pf < c_end) {
+            if (pf < c_end && mask_value(mrow[pf]) != -INFINITY) {
                 const segment ps = pf < seg.end ? seg : map.at(pf);
                 const int64_t r0 = ps.row0 + (pf - ps.start);
                 prefetch_rows(ps.k, ps.v, r0, r0 + std::min<int64_t>(TILE, std::min(ps.end, c_end) - pf));

@@ -10,6 +10,7 @@
 #include "llama-impl.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -69,8 +70,8 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     if (p.cache_blocks < -1 || (p.cache_blocks >= 0 && p.budget_bytes > 0)) {
         refuse("invalid parameters (cache_blocks must be >= 0, or -1 for the default, and is decided by the budget when one is given)");
     }
-    if (p.block_size == 0 || p.n_local == 0 || p.repr_topk == 0 || p.repr_topk > p.block_size) {
-        refuse("invalid parameters (block_size and n_local must be > 0, 1 <= repr_topk <= block_size)");
+    if (p.block_size == 0 || p.n_local == 0 || p.rewind > (1u << 30)) {
+        refuse("invalid parameters (block_size and n_local must be > 0, rewind at most 2^30)");
     }
     if (llama_model_is_recurrent(&model) || llama_model_is_hybrid(&model)) {
         refuse("recurrent and hybrid models are not supported");
@@ -172,7 +173,7 @@ llama_infllm_params llama_infllm_default_params(void) {
     p.n_init     = 128;
     p.n_local    = 4096;
     p.topk       = 16;
-    p.repr_topk  = 4;
+    p.rewind     = 1024;
     p.absolute   = false;
     p.budget_bytes = 0;
     p.cache_blocks = -1;
@@ -232,6 +233,55 @@ int32_t llama_infllm_get_stats(const llama_context * ctx, llama_infllm_stats * s
     }
     cache->get_stats(*stats);
     return 0;
+}
+
+int32_t llama_infllm_keep_prefix(llama_context * ctx, llama_pos n_keep) {
+    if (ctx == nullptr || n_keep < 0) {
+        return 0;
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    if (mem == nullptr) {
+        return 0;
+    }
+    if (n_keep == 0) {
+        llama_memory_clear(mem, true);
+        return 1;
+    }
+    llama_synchronize(ctx);
+    // the stock SWA cache (alone or beside the InfLLM cache) must still hold the window of a
+    // query at n_keep: cells it reused for later positions are gone
+    const llama_kv_cache_iswa * iswa = nullptr;
+    if (const auto * c = dynamic_cast<const llama_kv_cache_infllm_iswa *>(mem)) {
+        iswa = c->get_swa();
+    } else {
+        iswa = dynamic_cast<const llama_kv_cache_iswa *>(mem);
+    }
+    if (iswa != nullptr && !llama_infllm_swa_holds_window(*iswa->get_swa(), llama_get_model(ctx)->hparams, n_keep)) {
+        return 0;
+    }
+    return llama_memory_seq_rm(mem, 0, n_keep, -1) ? 1 : 0;
+}
+
+bool llama_infllm_swa_holds_window(const llama_kv_cache & kv, const llama_hparams & hp, llama_pos p) {
+    // the positions a query at p still sees: a run that ends at p - 1 (standard and chunked SWA)
+    llama_pos lo = p;
+    while (lo > 0 && !llama_hparams::is_masked_swa(hp.n_swa, hp.swa_type, lo - 1, p)) {
+        --lo;
+    }
+    if (lo == p) {
+        return true;
+    }
+    // seq_pos_get: (position, cell) pairs of the sequence, ordered by position
+    const auto & held = kv.get_cells(0).seq_pos_get(0);
+    llama_pos next = lo;
+    for (auto it = held.lower_bound({lo, 0u}); it != held.end() && it->first < p && next < p; ++it) {
+        if (it->first == next) {
+            ++next;
+        } else if (it->first > next) {
+            return false;
+        }
+    }
+    return next == p;
 }
 
 uint32_t llama_infllm_extra_graph_nodes(const llama_memory_i * memory, uint32_t n_layer) {

@@ -18,7 +18,7 @@ extern "C" {
         uint32_t n_init;       // first tokens always attended (attention sinks)
         uint32_t n_local;      // local window, attended at true relative positions
         uint32_t topk;         // memory blocks selected per query chunk and layer
-        uint32_t repr_topk;    // representative keys per block (the block mean is used for now)
+        uint32_t rewind;       // ring cells kept beyond the window: how far the context's tail can be taken back
         bool     absolute;     // false: memory at one position just before the window; true: true positions
         size_t   budget_bytes; // device bytes the cache may use (0: no bound; cache_blocks sizes the pool)
         int32_t  cache_blocks; // device block slots per layer without a budget (-1: every block); -1 with a budget
@@ -60,6 +60,22 @@ extern "C" {
             const struct llama_infllm_params * iparams,
             char * err,
             size_t err_size);
+
+    // Make the context's memory hold positions [0, n_keep) of sequence 0 and nothing after
+    // them: 1 done, 0 not possible without losing what the next ubatch at n_keep attends to
+    // (the InfLLM ring or a sliding-window cache already overwrote it; the memory is then
+    // unchanged). n_keep = 0 always succeeds (the memory is cleared).
+    LLAMA_API int32_t llama_infllm_keep_prefix(struct llama_context * ctx, llama_pos n_keep);
+
+    // Save the context's memory (any cache) to path with the caller's head bytes (read back by
+    // the caller; see llama-infllm-state.cpp for the format). 0 on success, -1 on failure (err).
+    LLAMA_API int32_t llama_infllm_state_save(struct llama_context * ctx, const char * path,
+                                              const void * head, size_t head_len, char * err, size_t err_size);
+
+    // Load a state saved by llama_infllm_state_save. 0 on success; -1: refused before the memory
+    // was touched (unreadable, truncated, corrupted); -2: the memory could not take it and was
+    // cleared. The reason goes to err.
+    LLAMA_API int32_t llama_infllm_state_load(struct llama_context * ctx, const char * path, char * err, size_t err_size);
 
     // 0 on success, -1 when the context does not use the InfLLM cache.
     LLAMA_API int32_t llama_infllm_get_stats(const struct llama_context * ctx, struct llama_infllm_stats * stats);

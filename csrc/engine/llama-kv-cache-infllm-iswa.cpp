@@ -57,6 +57,7 @@ void llama_kv_cache_infllm_iswa::clear(bool data) {
 
 bool llama_kv_cache_infllm_iswa::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     // the InfLLM half decides what can be removed; the stock half follows only when it agreed
+    // (llama_infllm_keep_prefix checks first that the SWA half still holds the window at p0)
     if (!infllm->seq_rm(seq_id, p0, p1)) {
         return false;
     }
@@ -98,11 +99,18 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_infllm_iswa::memory_
 }
 
 void llama_kv_cache_infllm_iswa::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
-    infllm->state_write(io, seq_id, flags);   // throws: not supported yet
+    infllm->state_write(io, seq_id, flags);
+    swa->state_write(io, seq_id, flags);
 }
 
 void llama_kv_cache_infllm_iswa::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
-    infllm->state_read(io, seq_id, flags);    // throws: not supported yet
+    try {
+        infllm->state_read(io, seq_id, flags);
+        swa->state_read(io, seq_id, flags);
+    } catch (...) {
+        clear(true);   // never half a state
+        throw;
+    }
 }
 
 //

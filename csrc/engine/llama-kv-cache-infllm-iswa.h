@@ -80,3 +80,7 @@ private:
     llama_memory_context_ptr ctx_infllm;
     llama_memory_status status;
 };
+
+// whether the stock (SWA) cache kv still holds every position of sequence 0 that a query at
+// position p attends to under the model's sliding window
+bool llama_infllm_swa_holds_window(const llama_kv_cache & kv, const llama_hparams & hp, llama_pos p);

@@ -2,6 +2,7 @@
 #include "llama-infllm-attn-cpu.h"
 
 #include "llama-impl.h"
+#include "llama-io.h"
 #include "llama-model.h"
 
 #include <algorithm>
@@ -16,9 +17,11 @@
 //
 
 static uint32_t infllm_ring_size(const llama_infllm_params & p, uint32_t n_ctx, uint32_t n_ubatch) {
-    // the window of a ubatch spans [ls, p_last]: at most n_local + max(n_init, block_size) + n_ubatch positions
-    const uint32_t need = p.n_local + std::max(p.n_init, p.block_size) + n_ubatch;
-    return std::min(n_ctx, need);
+    // the window of a ubatch spans [ls, p_last]: at most n_local + max(n_init, block_size) + n_ubatch
+    // positions; `rewind` more cells keep the positions before it, so that the tail of the
+    // context can be removed and evaluated again (seq_rm)
+    const uint64_t need = (uint64_t) p.n_local + std::max(p.n_init, p.block_size) + n_ubatch + p.rewind;
+    return (uint32_t) std::min<uint64_t>(n_ctx, need);
 }
 
 // blocks that can ever leave the window: the last ubatch starts at n_ctx - 1 at the latest,
@@ -542,15 +545,50 @@ bool llama_kv_cache_infllm::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos 
     if (seq_id > 0) {
         return false;
     }
-    if (p0 <= 0 && (p1 < 0 || p1 >= (llama_pos) n_tokens)) {
+    p0 = std::max<llama_pos>(p0, 0);
+    if (p1 >= 0 && p1 < (llama_pos) n_tokens) {
+        return p1 <= p0;   // a hole in the sequence cannot be made; an empty range is no change
+    }
+    if (p0 == 0) {
         clear(true);
         return true;
     }
     if (p0 >= (llama_pos) n_tokens) {
         return true;   // nothing stored there
     }
-    // removing part of the sequence would leave stale blocks and representative keys
-    return false;
+    return can_truncate(p0) && (truncate(p0), true);
+}
+
+bool llama_kv_cache_infllm::can_truncate(llama_pos p) const {
+    // the next ubatch at p attends to the ring cells of [window_start(p), p) (and, while the
+    // window starts at 0, to the sinks there): position q went to cell q % n_ring, so the
+    // positions written after p overwrote [p - n_ring, n_tokens - n_ring)
+    return p > 0 && p <= (llama_pos) n_tokens && (llama_pos) n_tokens <= window_start(p) + (llama_pos) n_ring;
+}
+
+void llama_kv_cache_infllm::truncate(llama_pos p) {
+    GGML_ASSERT(can_truncate(p));
+    if (xfer) {
+        xfer->wait();
+    }
+    d2h_pending = false;
+    // blocks that are wholly before the window at p keep their stored copies (the same keys a
+    // new eviction would write); later ones leave the window again when their turn comes
+    const llama_pos ls = window_start(p);
+    n_stored     = std::min(n_stored, n_evicted(ls));
+    sinks_stored = sinks_stored && ls > 0;
+    for (auto & st : states) {
+        for (uint32_t s = 0; s < st.slot_blk.size(); ++s) {
+            const int32_t b = st.slot_blk[s];
+            if (b >= 0 && (uint32_t) b >= n_stored) {
+                st.blk_slot[b]  = -1;
+                st.slot_blk[s]  = -1;
+                st.slot_used[s] = 0;
+            }
+        }
+    }
+    cur      = {};
+    n_tokens = (uint32_t) p;
 }
 
 void llama_kv_cache_infllm::seq_cp(llama_seq_id, llama_seq_id, llama_pos, llama_pos) {
@@ -589,12 +627,127 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_infllm::memory_break
     return ret;
 }
 
-void llama_kv_cache_infllm::state_write(llama_io_write_i &, llama_seq_id, llama_state_seq_flags) const {
-    throw std::runtime_error("saving the state of an InfLLM cache is not supported");
+// the state: a header that must match this cache, the counters, then per layer the ring cells
+// in use, the sinks once they left the window, and the representative keys and K/V rows of
+// the stored blocks (from the pool when resident, from the host store otherwise)
+static constexpr uint32_t INFLLM_STATE_MAGIC   = 0x4c464e49;   // "INFL"
+static constexpr uint32_t INFLLM_STATE_VERSION = 1;
+
+std::vector<uint32_t> llama_kv_cache_infllm::state_header() const {
+    const ggml_type tk = layers.empty() ? GGML_TYPE_COUNT : layers[0].k_work->type;
+    const ggml_type tv = layers.empty() ? GGML_TYPE_COUNT : layers[0].v_work->type;
+    return {INFLLM_STATE_MAGIC, INFLLM_STATE_VERSION, (uint32_t) layers.size(), n_ctx, n_ring, n_blocks,
+            params.block_size, params.n_init, params.n_local, params.topk, (uint32_t) params.absolute,
+            (uint32_t) tk, (uint32_t) tv, (uint32_t) k_row_bytes, (uint32_t) v_row_bytes};
 }
 
-void llama_kv_cache_infllm::state_read(llama_io_read_i &, llama_seq_id, llama_state_seq_flags) {
-    throw std::runtime_error("loading a state into an InfLLM cache is not supported");
+void llama_kv_cache_infllm::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    GGML_UNUSED(flags);
+    if (seq_id > 0) {
+        throw std::runtime_error("the InfLLM cache holds sequence 0 only");
+    }
+    if (xfer) {
+        xfer->wait();   // evicted blocks still on their way to the store
+    }
+    const std::vector<uint32_t> head = state_header();
+    io.write(head.data(), head.size()*sizeof(uint32_t));
+    const uint32_t counts[3] = {n_tokens, n_stored, (uint32_t) sinks_stored};
+    io.write(counts, sizeof(counts));
+
+    const uint32_t bs     = params.block_size;
+    const uint32_t n_used = std::min(n_tokens, n_ring);
+    for (size_t ix = 0; ix < layers.size(); ++ix) {
+        const layer & l = layers[ix];
+        io.write_tensor(l.k_work, (size_t) n_mem_max*l.k_work->nb[1], (size_t) n_used*l.k_work->nb[1]);
+        io.write_tensor(l.v_work, (size_t) n_mem_max*l.v_work->nb[1], (size_t) n_used*l.v_work->nb[1]);
+        if (sinks_stored && l.k_sinks != nullptr) {
+            io.write_tensor(l.k_sinks, 0, ggml_nbytes(l.k_sinks));
+            io.write_tensor(l.v_sinks, 0, ggml_nbytes(l.v_sinks));
+        }
+        if (n_stored == 0) {
+            continue;
+        }
+        io.write_tensor(l.repr, 0, (size_t) n_stored*l.repr->nb[1]);
+        if (resident) {
+            io.write_tensor(l.k_pool, 0, (size_t) n_stored*bs*k_row_bytes);
+            io.write_tensor(l.v_pool, 0, (size_t) n_stored*bs*v_row_bytes);
+        } else {
+            for (uint32_t b = 0; b < n_stored; ++b) {
+                io.write(store->k((uint32_t) ix, (int32_t) b), bs*k_row_bytes);
+            }
+            for (uint32_t b = 0; b < n_stored; ++b) {
+                io.write(store->v((uint32_t) ix, (int32_t) b), bs*v_row_bytes);
+            }
+        }
+    }
+}
+
+void llama_kv_cache_infllm::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    GGML_UNUSED(flags);
+    if (seq_id > 0) {
+        throw std::runtime_error("the InfLLM cache holds sequence 0 only");
+    }
+    const std::vector<uint32_t> want = state_header();
+    std::vector<uint32_t> got(want.size());
+    io.read(got.data(), got.size()*sizeof(uint32_t));
+    static const char * what[] = {"magic", "version", "layers", "n_ctx", "ring cells", "blocks", "block_size",
+                                  "n_init", "n_local", "topk", "positions", "K type", "V type", "K row bytes",
+                                  "V row bytes"};
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (got[i] != want[i]) {
+            throw std::runtime_error(std::string("the saved InfLLM cache has another ") + what[i] + " (" +
+                                     std::to_string(got[i]) + ", this cache: " + std::to_string(want[i]) + ")");
+        }
+    }
+    uint32_t counts[3];
+    io.read(counts, sizeof(counts));
+    const uint32_t nt = counts[0], ns = counts[1];
+    // what ubatches of at most n_ubatch tokens (begin_ubatch) and truncate() leave behind
+    const uint32_t ns_hi = nt > 0 ? n_evicted(window_start((llama_pos) nt)) : 0;
+    const uint32_t ns_lo = nt > 0 ? n_evicted(window_start(std::max<llama_pos>(0, (llama_pos) nt - (llama_pos) n_ubatch))) : 0;
+    const bool sinks = counts[2] != 0;
+    if (nt > n_ctx || ns < ns_lo || ns > ns_hi || counts[2] > 1 || (sinks && window_start((llama_pos) nt) == 0)) {
+        throw std::runtime_error("the saved InfLLM cache state is inconsistent (" + std::to_string(nt) + " tokens, " +
+                                 std::to_string(ns) + " stored blocks)");
+    }
+    clear(true);
+    try {
+        const uint32_t bs     = params.block_size;
+        const uint32_t n_used = std::min(nt, n_ring);
+        if (store && ns > 0) {
+            store->reserve(ns);
+        }
+        for (size_t ix = 0; ix < layers.size(); ++ix) {
+            const layer & l = layers[ix];
+            io.read_tensor(l.k_work, (size_t) n_mem_max*l.k_work->nb[1], (size_t) n_used*l.k_work->nb[1]);
+            io.read_tensor(l.v_work, (size_t) n_mem_max*l.v_work->nb[1], (size_t) n_used*l.v_work->nb[1]);
+            if (sinks && l.k_sinks != nullptr) {
+                io.read_tensor(l.k_sinks, 0, ggml_nbytes(l.k_sinks));
+                io.read_tensor(l.v_sinks, 0, ggml_nbytes(l.v_sinks));
+            }
+            if (ns == 0) {
+                continue;
+            }
+            io.read_tensor(l.repr, 0, (size_t) ns*l.repr->nb[1]);
+            if (resident) {
+                io.read_tensor(l.k_pool, 0, (size_t) ns*bs*k_row_bytes);
+                io.read_tensor(l.v_pool, 0, (size_t) ns*bs*v_row_bytes);
+            } else {
+                for (uint32_t b = 0; b < ns; ++b) {
+                    io.read(store->k((uint32_t) ix, (int32_t) b), bs*k_row_bytes);
+                }
+                for (uint32_t b = 0; b < ns; ++b) {
+                    io.read(store->v((uint32_t) ix, (int32_t) b), bs*v_row_bytes);
+                }
+            }
+        }
+    } catch (...) {
+        clear(true);
+        throw;
+    }
+    n_tokens     = nt;
+    n_stored     = ns;
+    sinks_stored = sinks;
 }
 
 void llama_kv_cache_infllm::get_stats(llama_infllm_stats & s) const {

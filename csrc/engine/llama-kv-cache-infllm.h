@@ -94,6 +94,12 @@ public:
     // start of the local window for a ubatch whose first position is p0 (block aligned)
     llama_pos window_start(llama_pos p0) const;
 
+    // whether positions [p, n_tokens) can be removed (truncate): the ring still holds what a
+    // ubatch at p attends to (the window before p), i.e. at most about n_ubatch + rewind
+    // positions are taken back
+    bool can_truncate(llama_pos p) const;
+    void truncate(llama_pos p);
+
     // complete blocks before the window start ls
     uint32_t n_evicted(llama_pos ls) const;
 
@@ -186,6 +192,9 @@ private:
     };
 
     std::unique_ptr<void, void (*)(void *)> router{nullptr, [](void *) {}};
+
+    // what a saved state must match (state_write / state_read)
+    std::vector<uint32_t> state_header() const;
 
     size_t   k_row_bytes = 0;  // bytes of one K / V row (one layer)
     size_t   v_row_bytes = 0;
