@@ -162,6 +162,33 @@ def test_decode_steps_and_window_moves(tiny_model, device, stock):
     assert sa.infllm.ubatches == 160
 
 
+@pytest.mark.parametrize("cache", ["full", "infllm", "infllm-offload"])
+def test_kept_context_and_saved_state_on_the_device(tiny_model, device, cache, tmp_path):
+    """Prefix reuse takes back the tail of a cache that lives on the device and gives a fresh
+    evaluation's logits; a state saved from the device loads back into it exactly."""
+    kw = {"full": {}, "infllm": dict(kv="infllm", infllm=SMALL),
+          "infllm-offload": dict(kv="infllm", infllm=dataclasses.replace(SMALL, cache_blocks=SMALL.topk))}[cache]
+    if cache == "infllm-offload" and offload_refused(tiny_model, device, SMALL):
+        return
+    path = tmp_path / "ctx.state"
+
+    def model():
+        return pi.Model(tiny_model, n_ctx=1024, n_threads=2, n_ubatch=64, flash_attn=True, **device, **kw)
+
+    with model() as m:
+        m.logits(ids(300) + ids(40), last_n=1)     # then diverges at 300: the tail is taken back
+        m.save_state(path)
+        got = m.logits(ids(N_TOKENS), last_n=100)
+        assert m.kv_stats().reused_tokens == 256 and m.kv_stats().reuse_fallbacks == 0
+        m.reset()
+        want = m.logits(ids(N_TOKENS), last_n=100)
+    with model() as m:
+        m.load_state(path)
+        assert m.context_tokens == ids(300) + ids(40)
+        loaded = m.logits(ids(N_TOKENS), last_n=100)
+    assert np.array_equal(got, want) and np.array_equal(loaded, want)
+
+
 def test_bad_device_settings_raise(tiny_model, device):
     with pytest.raises(ValueError, match="host:port"):
         pi.Model(tiny_model, rpc_servers="localhost")
