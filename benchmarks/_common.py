@@ -51,6 +51,23 @@ def prompt_of(m: pi.Model, n_tokens: int) -> str:
     return text
 
 
+def infllm_defaults() -> str:
+    """The default InfLLMConfig in words, as the results files name it."""
+    c = pi.InfLLMConfig()
+    return f"block {c.block_size}, n_init {c.n_init}, n_local {c.n_local}, topk {c.topk}, rewind {c.rewind}"
+
+
+def header(title: str, meta: dict, about: str, machine_note: str = "") -> list[str]:
+    """The opening lines of a results file: title, model, machine and commits, command, date."""
+    m = meta["machine"]
+    return [f"# {title}", "",
+            f"- model: {meta['model']}, {about}",
+            f"- machine: {m['cpu']}, {m['cores']} cores{machine_note}; pyllama-inf {m['commit']}, "
+            f"llama.cpp {pi.UPSTREAM_COMMIT}",
+            f"- command: `{meta['command']}`",
+            f"- date: {meta['date']}"]
+
+
 def write_markdown(out: Path, name: str, lines: list[str]) -> int:
     """Write lines as out/name.md, print them, and return 0 (the script's exit status)."""
     text = "\n".join(lines) + "\n"

@@ -6,6 +6,10 @@ generate() on a d-token prompt and then decodes --n-gen tokens:
   prefill tok/s: the last 512-token chunk of the prompt (pp512 at depth d - 512), timed with
                  the prompt-progress callback;
   decode tok/s:  the single-token steps after the prompt (tg at depth d).
+Both are the median of --reps measurements: after the first generate() the same prompt is run
+again --reps - 1 times; the context keeps all of it but its last chunk (prefix reuse), so each
+repeat evaluates that chunk again and decodes after it. One 128-token decode lasts a few
+seconds, and on a shared two-core machine single runs were seen to vary by 15%.
 The stock cache runs with flash attention on and off (ratios against the faster of the two)
 up to --stock-max-depth; the InfLLM cache uses the default InfLLMConfig (block 128, n_init
 128, n_local 4096, topk 16) at every depth, and its counters (hand-overs, transfers, host
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +30,7 @@ from pathlib import Path
 import pyllama_inf as pi
 from pyllama_inf.testing import smollm2_path
 
-from _common import command, machine, now, prompt_of, write_markdown
+from _common import command, header, infllm_defaults, machine, now, prompt_of, write_markdown
 
 CHUNK = 512
 # the caches compared: the stock cache with and without flash attention (which of the two is
@@ -41,7 +46,8 @@ def infllm_counters(m: pi.Model) -> dict:
                                    "host_work_s": inf.host_work_s, "transfer_wait_s": inf.transfer_wait_s}
 
 
-def measure(model: str, cache: str, depths: list[int], threads: int, n_gen: int, n_gpu_layers: int) -> dict:
+def measure(model: str, cache: str, depths: list[int], threads: int, n_gen: int, n_gpu_layers: int,
+            reps: int) -> dict:
     n_ctx = max(depths) + n_gen + 64
     out = {}
     # n_batch = n_ubatch: one progress callback per 512-token chunk
@@ -56,12 +62,20 @@ def measure(model: str, cache: str, depths: list[int], threads: int, n_gen: int,
                            progress=lambda done, total: stamps.append((done, time.perf_counter())))
             after = infllm_counters(m)
             (n0, t0), (n1, t1) = stamps[-2], stamps[-1]
-            out[d] = {"prefill_tok_s": (n1 - n0) / (t1 - t0), "decode_tok_s": r.timings.decode_tok_s,
-                      "decode_tokens": r.timings.decode_tokens, "prompt_tokens": r.n_prompt_tokens,
+            pp, tg = [(n1 - n0) / (t1 - t0)], [r.timings.decode_tok_s]
+            out[d] = {"decode_tokens": r.timings.decode_tokens, "prompt_tokens": r.n_prompt_tokens,
                       "prompt_s": r.timings.prefill_s, "kv_device_bytes": m.kv_stats().device_bytes}
             if after:
-                # per generate(): prefill and decode together
+                # the first generate(): prefill and decode together
                 out[d]["infllm"] = {k: after[k] - before[k] for k in after}
+            for _ in range(reps - 1):
+                again = m.generate(prompt, max_tokens=n_gen + 1, temperature=0)
+                if r.n_prompt_tokens - again.n_reused_tokens != CHUNK or again.text != r.text:
+                    raise RuntimeError(f"a repeat at depth {d} evaluated {r.n_prompt_tokens - again.n_reused_tokens} "
+                                       f"tokens (expected {CHUNK}) or generated other text")
+                pp.append(CHUNK / again.timings.prefill_s)
+                tg.append(again.timings.decode_tok_s)
+            out[d].update(prefill_tok_s=statistics.median(pp), decode_tok_s=statistics.median(tg), prefill_runs=pp, decode_runs=tg)
             print(f"{cache:>9} depth {d:>6}: prefill {out[d]['prefill_tok_s']:7.1f} tok/s, "
                   f"decode {out[d]['decode_tok_s']:6.2f} tok/s", file=sys.stderr, flush=True)
     return out
@@ -76,6 +90,7 @@ def main() -> int:
     ap.add_argument("--stock", default="full-fa,full-nofa", help="stock configurations to run ('none': InfLLM only)")
     ap.add_argument("--stock-max-depth", type=int, default=None,
                     help="run the stock cache only up to this depth (default: every depth)")
+    ap.add_argument("--reps", type=int, default=3, help="measurements per cache and depth (median; default 3)")
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -84,8 +99,8 @@ def main() -> int:
     stock = [] if args.stock == "none" else args.stock.split(",")
 
     stock_depths = [d for d in depths if stock and (args.stock_max_depth is None or d <= args.stock_max_depth)]
-    res = {c: measure(model, c, stock_depths, args.threads, args.n_gen, args.n_gpu_layers) for c in stock}
-    res["infllm"] = measure(model, "infllm", depths, args.threads, args.n_gen, args.n_gpu_layers)
+    res = {c: measure(model, c, stock_depths, args.threads, args.n_gen, args.n_gpu_layers, args.reps) for c in stock}
+    res["infllm"] = measure(model, "infllm", depths, args.threads, args.n_gen, args.n_gpu_layers, args.reps)
     inf = res["infllm"]
     rows = []
     for d in depths:
@@ -112,16 +127,11 @@ def main() -> int:
     names = {"full-fa": "stock FA", "full-nofa": "stock no-FA"}
     head = ["depth"] + [f"prefill {names.get(c, c)}" for c in stock] + ["prefill infllm", "ratio"] + \
            [f"decode {names.get(c, c)}" for c in stock] + ["decode infllm", "ratio"]
-    lines = [
-        "# InfLLM cache vs stock cache: prefill and decode speed",
-        "",
-        f"- model: {meta['model']}, threads: {args.threads}, InfLLM defaults (block 128, n_init 128, "
-        f"n_local 4096, topk 16, no kv_budget); stock cache: {', '.join(names.get(c, c) for c in stock) or 'not run'}",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; pyllama-inf {meta['machine']['commit']}, "
-        f"llama.cpp {pi.UPSTREAM_COMMIT}"
-        + (f"; layers on {', '.join(d for _, d in meta['gpu_devices'])}" if args.n_gpu_layers else ""),
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
+    lines = header(
+        "InfLLM cache vs stock cache: prefill and decode speed", meta,
+        f"threads: {args.threads}, InfLLM defaults ({infllm_defaults()}, no kv_budget); "
+        f"stock cache: {', '.join(names.get(c, c) for c in stock) or 'not run'}",
+        f"; layers on {', '.join(d for _, d in meta['gpu_devices'])}" if args.n_gpu_layers else "") + [
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---:|" * len(head),
@@ -136,12 +146,12 @@ def main() -> int:
                 [f"{r['infllm_decode_tok_s']:.2f}", cell(r["decode_ratio"], ".2f") + "x" * (r["decode_ratio"] is not None)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"tok/s; prefill = the {CHUNK}-token chunk ending at the depth, decode = {args.n_gen} single-token "
-                 "steps after it. Ratios are InfLLM over the faster stock configuration at that depth"
+    lines.append(f"tok/s, medians of {args.reps} runs; prefill = the {CHUNK}-token chunk ending at the depth, "
+                 f"decode = {args.n_gen} single-token steps after it. Ratios are InfLLM over the faster stock configuration at that depth"
                  + ("." if stock_depths == depths else
                     f"; the stock cache ran at {stock_depths or 'no depth'} (—: not run)."))
     lines.append("")
-    lines.append("InfLLM counters per generate() (prefill and decode): hand-overs to the cache during the compute, "
+    lines.append("InfLLM counters of the first generate() (prefill and decode): hand-overs to the cache during the compute, "
                  "host->device MiB, host work ms per decoded token:")
     lines.append("")
     for d in depths:

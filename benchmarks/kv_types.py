@@ -26,7 +26,7 @@ import pyllama_inf as pi
 from pyllama_inf import passkey
 from pyllama_inf.testing import smollm2_path
 
-from _common import command, machine, now, prompt_of, write_markdown
+from _common import command, header, infllm_defaults, machine, now, prompt_of, write_markdown
 
 CHUNK = 512
 CACHES = {"stock": dict(flash_attn=True), "infllm": dict(kv="infllm", infllm=pi.InfLLMConfig())}
@@ -99,15 +99,9 @@ def main() -> int:
             "passkey_length": args.passkey_length, "depths": depths, "depth": args.depth, "n_gen": args.n_gen}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kv_types.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1) + "\n")
-    lines = [
-        "# Quantized K/V: accuracy against f16 and speed",
-        "",
-        f"- model: {meta['model']}, threads: {args.threads}; InfLLM defaults (block 128, n_init 128, n_local 4096, "
-        f"topk 16); stock cache with flash attention",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; pyllama-inf {meta['machine']['commit']}, "
-        f"llama.cpp {pi.UPSTREAM_COMMIT}",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
+    lines = header(
+        "Quantized K/V: accuracy against f16 and speed", meta,
+        f"threads: {args.threads}; InfLLM defaults ({infllm_defaults()}); stock cache with flash attention") + [
         f"- agreement: teacher-forced {args.agree_tokens}-token prompt, against the same cache in f16; "
         f"passkey: {args.passkey_length} tokens at depths {args.depths}; speed at depth {args.depth}",
         "",

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyllama_inf as pi
 from pyllama_inf.testing import smollm2_path
 
-from _common import command, machine, now, write_markdown
+from _common import command, header, infllm_defaults, machine, now, write_markdown
 
 FACTS = [("red", "4711"), ("green", "2958"), ("blue", "8364")]
 DEPTHS = [0.2, 0.5, 0.8]
@@ -118,14 +118,10 @@ def main() -> int:
             "machine": machine(), "date": now(), "upstream_commit": pi.UPSTREAM_COMMIT}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "long_document.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    lines = [
-        "# One long document, three questions",
-        "",
-        f"- model: {meta['model']}, {args.threads} threads, document of ~{args.doc_tokens} tokens with three facts; "
-        "stock cache with flash attention, InfLLM cache with its defaults",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; pyllama-inf {meta['machine']['commit']}",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
+    lines = header(
+        "One long document, three questions", meta,
+        f"{args.threads} threads, document of ~{args.doc_tokens} tokens with three facts; "
+        f"stock cache with flash attention, InfLLM cache with its defaults ({infllm_defaults()})") + [
         "",
         "| cache | question | time to first token (s) | tokens evaluated | tokens kept | vs the first | "
         "answer | same without reuse |",

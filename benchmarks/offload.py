@@ -25,7 +25,7 @@ from pathlib import Path
 import pyllama_inf as pi
 from pyllama_inf.testing import smollm2_path
 
-from _common import command, machine, now, prompt_of, write_markdown
+from _common import command, header, infllm_defaults, machine, now, prompt_of, write_markdown
 
 MiB = 1 << 20
 
@@ -117,16 +117,11 @@ def main() -> int:
             "upstream_commit": pi.UPSTREAM_COMMIT, "date": now()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "offload.json").write_text(json.dumps({"meta": meta, "growth": grow, "cost": costs}, indent=1) + "\n")
-    lines = [
-        "# InfLLM host tier: device bytes under a budget, host growth, cost of offload",
-        "",
-        f"- model: {meta['model']}, threads: {args.threads}, InfLLM defaults (block 128, n_init 128, "
-        f"n_local 4096, topk 16)",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores (CPU backend: the \"device\" "
-        f"and the host store are both system RAM; the same code path, transfers are memcpy); "
-        f"llama.cpp {pi.UPSTREAM_COMMIT}",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
+    lines = header(
+        "InfLLM host tier: device bytes under a budget, host growth, cost of offload", meta,
+        f"threads: {args.threads}, InfLLM defaults ({infllm_defaults()})",
+        " (CPU backend: the \"device\" and the host store are both system RAM; the same code path, "
+        "transfers are memcpy)") + [
         "",
         f"## Growth under kv_budget={args.budget} (one {args.length}-token prompt)",
         "",

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyllama_inf as pi
 from pyllama_inf.testing import smollm2_path
 
-from _common import command, machine, now, prompt_of
+from _common import command, header, machine, now, prompt_of
 
 ROOT = Path(__file__).resolve().parent.parent
 UBATCH = 512
@@ -110,14 +110,9 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [
-        "# generate() overhead vs llama-bench",
-        "",
-        f"- model: {meta['model']}, threads: {args.threads}, flash-attn on, reps: {args.reps}",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; llama.cpp {pi.UPSTREAM_COMMIT}",
-        f"- command: `{meta['command']}`",
+    lines = header("generate() overhead vs llama-bench", meta,
+                   f"threads: {args.threads}, flash-attn on, reps: {args.reps}") + [
         f"- upstream: `{bench_cmd}`",
-        f"- date: {meta['date']}",
         "",
         "| test | depth | llama-bench tok/s | pyllama-inf tok/s | ratio | overhead |",
         "|---|---:|---:|---:|---:|---:|",

@@ -19,7 +19,7 @@ import pyllama_inf as pi
 from pyllama_inf import passkey
 from pyllama_inf.testing import gemma3_270m_path, smollm2_path
 
-from _common import command, machine, now
+from _common import command, header, infllm_defaults, machine, now
 
 
 def run(model: str, kv: str, length: int, depths: list[float], trials: int, threads: int, seed: int) -> list[dict]:
@@ -67,12 +67,11 @@ def main() -> int:
             "machine": machine(), "date": now()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "passkey_long.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["# Passkey retrieval beyond the trained context", "",
-             f"- model: {meta['model']} (trained context {info.n_ctx_train}), greedy, 2 threads",
-             f"- InfLLM defaults: {meta['infllm_config']}; stock cache with flash attention",
+    lines = header("Passkey retrieval beyond the trained context", meta,
+                   f"trained context {info.n_ctx_train}, greedy, 2 threads; InfLLM defaults ({infllm_defaults()}); "
+                   "stock cache with flash attention") + [
              f"- runs (cache:length:depths) `{args.runs}`, {args.trials} trial(s) per depth, a different key per trial",
-             f"- machine: {meta['machine']}",
-             f"- command: `{meta['command']}`", f"- date: {meta['date']}", "",
+             "",
              "| cache | length | correct | accuracy |", "|---|---:|---:|---:|"]
     if not rows:
         raise SystemExit("no runs")

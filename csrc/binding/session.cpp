@@ -254,7 +254,6 @@ public:
     int64_t fallbacks() const { return n_fallbacks; }
     void save_state(const std::string & path, const std::string & meta);
     void load_state(const std::string & path);
-    std::string chat_template() const;
     std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
                                     bool add_assistant, const std::string & tmpl) const;
 };
@@ -715,11 +714,6 @@ void session::load_state(const std::string & path) {
     held.clear();   // the caller sets the tokens the state holds (set_held)
 }
 
-std::string session::chat_template() const {
-    const char * t = llama_model_chat_template(model_checked(), nullptr);
-    return t ? t : "";
-}
-
 std::string session::apply_chat_template(const std::vector<std::pair<std::string, std::string>> & messages,
                                          bool add_assistant, const std::string & tmpl) const {
     std::vector<llama_chat_message> msgs;
@@ -915,7 +909,6 @@ void register_session(py::module_ & m) {
              "Write the context's memory to path after the head bytes `meta` (releases the GIL).")
         .def("load_state", &session::load_state, py::arg("path"),
              "Read a state written by save_state into the memory (releases the GIL).")
-        .def("chat_template", &session::chat_template, "The model's chat template ('' when it has none).")
         .def("apply_chat_template", &session::apply_chat_template, py::arg("messages"), py::kw_only(),
              py::arg("add_assistant"), py::arg("template"),
              "Format (role, content) messages with llama.cpp's built-in template support.")

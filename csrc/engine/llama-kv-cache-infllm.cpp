@@ -641,6 +641,37 @@ std::vector<uint32_t> llama_kv_cache_infllm::state_header() const {
             (uint32_t) tk, (uint32_t) tv, (uint32_t) k_row_bytes, (uint32_t) v_row_bytes};
 }
 
+void llama_kv_cache_infllm::state_regions(uint32_t nt, uint32_t ns, bool sinks,
+                                          const std::function<void(ggml_tensor *, size_t, size_t)> & dev,
+                                          const std::function<void(uint8_t *, size_t)> & host) const {
+    const uint32_t bs     = params.block_size;
+    const uint32_t n_used = std::min(nt, n_ring);
+    for (size_t ix = 0; ix < layers.size(); ++ix) {
+        const layer & l = layers[ix];
+        dev(l.k_work, (size_t) n_mem_max*l.k_work->nb[1], (size_t) n_used*l.k_work->nb[1]);
+        dev(l.v_work, (size_t) n_mem_max*l.v_work->nb[1], (size_t) n_used*l.v_work->nb[1]);
+        if (sinks && l.k_sinks != nullptr) {
+            dev(l.k_sinks, 0, ggml_nbytes(l.k_sinks));
+            dev(l.v_sinks, 0, ggml_nbytes(l.v_sinks));
+        }
+        if (ns == 0) {
+            continue;
+        }
+        dev(l.repr, 0, (size_t) ns*l.repr->nb[1]);
+        if (resident) {
+            dev(l.k_pool, 0, (size_t) ns*bs*k_row_bytes);
+            dev(l.v_pool, 0, (size_t) ns*bs*v_row_bytes);
+        } else {
+            for (uint32_t b = 0; b < ns; ++b) {
+                host(store->k((uint32_t) ix, (int32_t) b), bs*k_row_bytes);
+            }
+            for (uint32_t b = 0; b < ns; ++b) {
+                host(store->v((uint32_t) ix, (int32_t) b), bs*v_row_bytes);
+            }
+        }
+    }
+}
+
 void llama_kv_cache_infllm::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
     GGML_UNUSED(flags);
     if (seq_id > 0) {
@@ -654,32 +685,9 @@ void llama_kv_cache_infllm::state_write(llama_io_write_i & io, llama_seq_id seq_
     const uint32_t counts[3] = {n_tokens, n_stored, (uint32_t) sinks_stored};
     io.write(counts, sizeof(counts));
 
-    const uint32_t bs     = params.block_size;
-    const uint32_t n_used = std::min(n_tokens, n_ring);
-    for (size_t ix = 0; ix < layers.size(); ++ix) {
-        const layer & l = layers[ix];
-        io.write_tensor(l.k_work, (size_t) n_mem_max*l.k_work->nb[1], (size_t) n_used*l.k_work->nb[1]);
-        io.write_tensor(l.v_work, (size_t) n_mem_max*l.v_work->nb[1], (size_t) n_used*l.v_work->nb[1]);
-        if (sinks_stored && l.k_sinks != nullptr) {
-            io.write_tensor(l.k_sinks, 0, ggml_nbytes(l.k_sinks));
-            io.write_tensor(l.v_sinks, 0, ggml_nbytes(l.v_sinks));
-        }
-        if (n_stored == 0) {
-            continue;
-        }
-        io.write_tensor(l.repr, 0, (size_t) n_stored*l.repr->nb[1]);
-        if (resident) {
-            io.write_tensor(l.k_pool, 0, (size_t) n_stored*bs*k_row_bytes);
-            io.write_tensor(l.v_pool, 0, (size_t) n_stored*bs*v_row_bytes);
-        } else {
-            for (uint32_t b = 0; b < n_stored; ++b) {
-                io.write(store->k((uint32_t) ix, (int32_t) b), bs*k_row_bytes);
-            }
-            for (uint32_t b = 0; b < n_stored; ++b) {
-                io.write(store->v((uint32_t) ix, (int32_t) b), bs*v_row_bytes);
-            }
-        }
-    }
+    state_regions(n_tokens, n_stored, sinks_stored,
+                  [&](ggml_tensor * t, size_t off, size_t size) { io.write_tensor(t, off, size); },
+                  [&](uint8_t * src, size_t size) { io.write(src, size); });
 }
 
 void llama_kv_cache_infllm::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
@@ -712,35 +720,12 @@ void llama_kv_cache_infllm::state_read(llama_io_read_i & io, llama_seq_id seq_id
     }
     clear(true);
     try {
-        const uint32_t bs     = params.block_size;
-        const uint32_t n_used = std::min(nt, n_ring);
         if (store && ns > 0) {
             store->reserve(ns);
         }
-        for (size_t ix = 0; ix < layers.size(); ++ix) {
-            const layer & l = layers[ix];
-            io.read_tensor(l.k_work, (size_t) n_mem_max*l.k_work->nb[1], (size_t) n_used*l.k_work->nb[1]);
-            io.read_tensor(l.v_work, (size_t) n_mem_max*l.v_work->nb[1], (size_t) n_used*l.v_work->nb[1]);
-            if (sinks && l.k_sinks != nullptr) {
-                io.read_tensor(l.k_sinks, 0, ggml_nbytes(l.k_sinks));
-                io.read_tensor(l.v_sinks, 0, ggml_nbytes(l.v_sinks));
-            }
-            if (ns == 0) {
-                continue;
-            }
-            io.read_tensor(l.repr, 0, (size_t) ns*l.repr->nb[1]);
-            if (resident) {
-                io.read_tensor(l.k_pool, 0, (size_t) ns*bs*k_row_bytes);
-                io.read_tensor(l.v_pool, 0, (size_t) ns*bs*v_row_bytes);
-            } else {
-                for (uint32_t b = 0; b < ns; ++b) {
-                    io.read(store->k((uint32_t) ix, (int32_t) b), bs*k_row_bytes);
-                }
-                for (uint32_t b = 0; b < ns; ++b) {
-                    io.read(store->v((uint32_t) ix, (int32_t) b), bs*v_row_bytes);
-                }
-            }
-        }
+        state_regions(nt, ns, sinks,
+                      [&](ggml_tensor * t, size_t off, size_t size) { io.read_tensor(t, off, size); },
+                      [&](uint8_t * dst, size_t size) { io.read(dst, size); });
     } catch (...) {
         clear(true);
         throw;

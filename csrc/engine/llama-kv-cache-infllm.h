@@ -12,6 +12,7 @@
 #include "ggml-cpp.h"
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -195,6 +196,11 @@ private:
 
     // what a saved state must match (state_write / state_read)
     std::vector<uint32_t> state_header() const;
+    // the regions of a state of nt tokens, ns stored blocks (and the sinks if stored), in the
+    // order they are written and read: device tensor ranges go to `dev`, host store rows to `host`
+    void state_regions(uint32_t nt, uint32_t ns, bool sinks,
+                       const std::function<void(ggml_tensor *, size_t, size_t)> & dev,
+                       const std::function<void(uint8_t *, size_t)> & host) const;
 
     size_t   k_row_bytes = 0;  // bytes of one K / V row (one layer)
     size_t   v_row_bytes = 0;
