@@ -111,6 +111,40 @@ def _parser() -> argparse.ArgumentParser:
     _add_infllm_args(b.add_argument_group("InfLLM cache (the InfLLM budgets)"))
     b.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
 
+    e = sub.add_parser("eval", help="long-context retrieval tasks (passkey, multikey, multivalue, kv, vartrack) "
+                                     "with the stock and the InfLLM cache; resumable")
+    e.add_argument("-m", "--model", required=True, help="GGUF model file")
+    e.add_argument("--tasks", default="passkey,multikey,multivalue,kv,vartrack", help="comma-separated tasks")
+    e.add_argument("--lengths", default="4096,8192", help="comma-separated prompt lengths in tokens")
+    e.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated depths of the asked fact in [0, 1]")
+    e.add_argument("--trials", type=int, default=1, help="prompts per task x length x depth (default 1)")
+    e.add_argument("--caches", default="full,infllm",
+                   help="comma-separated: full (stock cache, only up to the trained context) and/or infllm")
+    e.add_argument("--full-max-length", type=int, default=None,
+                   help="longest prompt for the stock cache (default: the model's trained context)")
+    e.add_argument("--seed", type=int, default=0, help="trial t uses seed + t (default 0)")
+    e.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    e.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    _add_infllm_args(e.add_argument_group("InfLLM cache"))
+    e.add_argument("--out", required=True,
+                   help="directory for records.jsonl (trials already there are not run again), eval.json, "
+                        "eval.md and eval.png")
+
+    pp = sub.add_parser("perplexity", help="loss of the last tokens of a long text given growing contexts, "
+                                           "stock vs InfLLM cache")
+    pp.add_argument("-m", "--model", required=True, help="GGUF model file")
+    pp.add_argument("--text", default=None,
+                    help="a UTF-8 text file (default: the King James Bible from Debian's bible-kjv package)")
+    pp.add_argument("--contexts", default="4096,8192,16384", help="comma-separated context lengths in tokens")
+    pp.add_argument("--target", type=int, default=1024, help="scored tokens at the end of each context (default 1024)")
+    pp.add_argument("--caches", default="full,infllm", help="comma-separated: full and/or infllm")
+    pp.add_argument("--full-max-length", type=int, default=None,
+                    help="longest context for the stock cache (default: the model's trained context)")
+    pp.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    pp.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    _add_infllm_args(pp.add_argument_group("InfLLM cache"))
+    pp.add_argument("--json", action="store_true", help="print the points as JSON")
+
     c = sub.add_parser("chat", help="a conversation on the terminal; -f reads a document once, then answers "
                                      "questions about it from the kept context")
     _add_model_args(c)
@@ -231,6 +265,56 @@ def _bench(args) -> None:
     print(f"results in {args.out}", file=sys.stderr)
 
 
+def _eval(args) -> None:
+    from . import evals
+    summaries = evals.evaluate(
+        args.model, caches=_split(args.caches, str, "--caches"), tasks=_split(args.tasks, str, "--tasks"),
+        lengths=_split(args.lengths, int, "--lengths"), depths=_split(args.depths, float, "--depths"),
+        trials=args.trials, out=args.out, infllm=_infllm_config(args), threads=args.threads,
+        n_gpu_layers=args.n_gpu_layers, full_max_length=args.full_max_length, seed=args.seed,
+        progress=sys.stderr.isatty(), log=lambda msg: print(msg, file=sys.stderr))
+    print(evals.markdown(summaries), end="")
+    print(f"results in {args.out}", file=sys.stderr)
+
+
+def _perplexity(args) -> None:
+    from . import evals
+    from .gguf_info import inspect as _inspect_gguf
+    caches = _split(args.caches, str, "--caches")
+    contexts = sorted(set(_split(args.contexts, int, "--contexts")))
+    for c in caches:
+        if c not in evals.CACHES:
+            raise ValueError(f"unknown cache {c!r}; choose from {', '.join(evals.CACHES)}")
+    if not contexts:
+        raise ValueError("--contexts must name at least one length")
+    if args.text is not None:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = evals.kjv_text()
+    full_max = args.full_max_length or _inspect_gguf(args.model).n_ctx_train
+    points = []
+    for cache in caches:
+        ctxs = [c for c in contexts if cache != "full" or c <= full_max]
+        if len(ctxs) < len(contexts):
+            print(f"{cache}: contexts above {full_max} skipped", file=sys.stderr)
+        if not ctxs:
+            continue
+        kw = {"kv": "infllm", "infllm": _infllm_config(args)} if cache == "infllm" else {"kv": "full", "flash_attn": True}
+        with Model(args.model, n_ctx=max(ctxs), n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, **kw) as m:
+            tokens = m.tokenize(text, add_special=False, parse_special=False)
+            for p in evals.perplexity(m, tokens, ctxs, target=args.target, cache=cache):
+                points.append(p)
+                print(f"{cache:>7} context {p.context:>7}: loss {p.nll:.4f} nats/token, perplexity {p.ppl:.3f} "
+                      f"({p.seconds:.0f} s)", file=sys.stderr)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(p) for p in points], indent=1))
+    else:
+        print("| cache | context | loss (nats/token) | perplexity |\n|---|---:|---:|---:|")
+        for p in points:
+            print(f"| {p.cache} | {p.context} | {p.nll:.4f} | {p.ppl:.3f} |")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pyllama-inf`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -253,6 +337,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             _passkey(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "eval":
+            _eval(args)
+        elif args.command == "perplexity":
+            _perplexity(args)
         elif args.command == "demo":
             from .testing import smollm2_path
             path = smollm2_path()

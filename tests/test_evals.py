@@ -1,0 +1,191 @@
+"""Long-context eval tasks: generation, scoring, the resumable grid, and the loss on a text."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+import pyllama_inf as pi
+from pyllama_inf import evals
+from pyllama_inf.cli import main
+
+
+def words(text):
+    return len(text.split())
+
+
+def haystack(task):
+    """The prompt between the intro and the question."""
+    q = task.prompt.rindex("\n\n")
+    return task.prompt[:q]
+
+
+@pytest.mark.parametrize("name", evals.TASKS)
+@pytest.mark.parametrize("length", [300, 3000])
+def test_task_length_answers_and_determinism(name, length):
+    t = evals.make_task(name, length, 0.5, seed=4, count_tokens=words)
+    assert t.name == name and t.n_tokens == words(t.prompt)
+    assert abs(t.n_tokens - length) <= max(12, 0.01 * length)
+    for a in t.answers:
+        assert a in haystack(t)          # every fact the answer needs is in the text
+    assert t == evals.make_task(name, length, 0.5, seed=4, count_tokens=words)
+    other = evals.make_task(name, length, 0.5, seed=5, count_tokens=words)
+    assert other.answers != t.answers
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_asked_fact_sits_at_its_depth(depth):
+    for name, marker in [("passkey", "pass key is {}"), ("multikey", "is {}."), ("multivalue", "is {}."),
+                         ("vartrack", "= {}."), ("kv", '"{}"')]:
+        t = evals.make_task(name, 4000, depth, seed=1, count_tokens=words)
+        text = haystack(t)
+        # the asked fact: its answer (kv: the key, which precedes the value)
+        needle = t.prompt.rsplit('Key: "', 1)[1].split('"')[0] if name == "kv" else t.answers[0]
+        if name == "vartrack":
+            needle = re.search(r"assigned the value (\d+)\?", t.prompt).group(1)
+        at = text.index(marker.format(needle)) / len(text)
+        assert abs(at - depth) < 0.06, (name, at)
+
+
+def test_multikey_has_competing_keys_and_kv_distinct_pairs():
+    t = evals.make_task("multikey", 2000, 0.5, seed=2, count_tokens=words)
+    found = re.findall(r"The special magic number for (\w+) is (\d+)\.", haystack(t))
+    assert len(found) == 4 and len({w for w, _ in found}) == 4 and len({n for _, n in found}) == 4
+    asked = re.search(r"What is the special magic number for (\w+)\?", t.prompt).group(1)
+    assert dict(found)[asked] == t.answers[0]
+    kv = evals.make_task("kv", 2000, 0.5, seed=2, count_tokens=words)
+    pairs = re.findall(r'"([0-9a-f-]{36})": "([0-9a-f-]{36})"', kv.prompt)
+    assert len(pairs) > 20 and len({k for k, _ in pairs}) == len(pairs)
+    key = kv.prompt.rsplit('Key: "', 1)[1].split('"')[0]
+    assert dict(pairs)[key] == kv.answers[0]
+
+
+def test_vartrack_chain_leads_to_the_value():
+    t = evals.make_task("vartrack", 2000, 0.2, seed=7, count_tokens=words)
+    text = haystack(t)
+    value = re.search(r"assigned the value (\d+)\?", t.prompt).group(1)
+    holds = set(re.findall(r"VAR ([A-Z]{5}) = " + value + r"\.", text))
+    for lhs, rhs in re.findall(r"VAR ([A-Z]{5}) = VAR ([A-Z]{5})\.", text):   # in text order
+        if rhs in holds:
+            holds.add(lhs)
+    assert holds == set(t.answers) and len(holds) == 4
+    # in text order: each assignment after the one it copies
+    assert [text.index(f"VAR {a} ") for a in t.answers] == sorted(text.index(f"VAR {a} ") for a in t.answers)
+
+
+def test_scoring():
+    pk = evals.make_task("passkey", 300, 0.5, seed=1, count_tokens=words)
+    assert evals.is_correct(pk, f" {pk.answers[0]}.") and not evals.is_correct(pk, " 1 then " + pk.answers[0])
+    mv = evals.make_task("multivalue", 300, 0.5, seed=1, count_tokens=words)
+    assert evals.is_correct(mv, " " + ", ".join(reversed(mv.answers)))
+    assert not evals.is_correct(mv, " " + ", ".join(mv.answers[:3]))
+    kv = evals.make_task("kv", 300, 0.5, seed=1, count_tokens=words)
+    assert evals.is_correct(kv, kv.answers[0] + '"') and not evals.is_correct(kv, kv.answers[0][:-1] + 'x"')
+    vt = evals.make_task("vartrack", 300, 0.5, seed=1, count_tokens=words)
+    assert evals.is_correct(vt, " " + " ".join(vt.answers)) and not evals.is_correct(vt, " " + vt.answers[0])
+
+
+@pytest.mark.parametrize("bad", [dict(name="nope"), dict(depth=1.5), dict(n_tokens=10),
+                                 dict(name="kv", n_tokens=100, count_tokens=len)])
+def test_bad_task_arguments(bad):
+    kw = dict(name="passkey", n_tokens=500, depth=0.5, seed=0, count_tokens=words)
+    kw.update(bad)
+    with pytest.raises(ValueError):
+        evals.make_task(**kw)
+
+
+def test_sequence_nll_matches_arithmetic():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 7)).astype(np.float32) * 30
+    t = [0, 6, 3, 3, 1]
+    want = sum(math.log(sum(math.exp(float(v)) for v in row)) - float(row[k]) for row, k in zip(x, t)) / 5
+    assert evals.sequence_nll(x, t) == pytest.approx(want, rel=1e-9)
+
+
+def test_grid_runs_resumes_and_skips_the_stock_cache_past_its_length(tiny_model, tmp_path):
+    cfg = pi.InfLLMConfig(block_size=16, n_init=16, n_local=64, topk=2, rewind=0)
+    kw = dict(tasks=["passkey", "kv"], lengths=[600, 900], depths=[0.5], trials=2, out=tmp_path, infllm=cfg,
+              threads=2, full_max_length=700)
+    said = []
+    s = evals.evaluate(tiny_model, log=said.append, **kw)
+    recs = evals.read_records(tmp_path / "records.jsonl")
+    # full: 1 length x 2 tasks x 2 trials; infllm: 2 lengths x 2 tasks x 2 trials
+    assert len(recs) == 4 + 8
+    assert {(r.cache, r.length) for r in recs} == {("full", 600), ("infllm", 600), ("infllm", 900)}
+    assert any("900 tokens skipped" in m for m in said)
+    assert {(x.cache, x.task, x.length): x.trials for x in s} == {
+        ("full", "passkey", 600): 2, ("full", "kv", 600): 2, ("infllm", "passkey", 600): 2,
+        ("infllm", "kv", 600): 2, ("infllm", "passkey", 900): 2, ("infllm", "kv", 900): 2}
+    # same prompts for both caches: same seeds give the same answers
+    by = {(r.cache, r.task, r.length, r.trial): r.answers for r in recs}
+    assert by[("full", "kv", 600, 1)] == by[("infllm", "kv", 600, 1)]
+    for r in recs:
+        assert abs(r.n_tokens - r.length) <= 40
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert len(doc["summaries"]) == 6 and "| passkey | full |" in (tmp_path / "eval.md").read_text()
+
+    # a run that stopped: the last trial lost (and a torn line); only it runs again
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    (tmp_path / "records.jsonl").write_text("\n".join(lines[:-1]) + '\n{"model": "tr')
+    evals.evaluate(tiny_model, **kw)
+    again = evals.read_records(tmp_path / "records.jsonl")
+    assert len(again) == 12 and again[-1].key() == recs[-1].key()
+    # other InfLLM settings are another setup: run in full, the stock trials are kept
+    evals.evaluate(tiny_model, **dict(kw, infllm=pi.InfLLMConfig(block_size=16, n_init=16, n_local=64, topk=1,
+                                                                  rewind=0)))
+    assert len(evals.read_records(tmp_path / "records.jsonl")) == 12 + 8
+
+
+@pytest.mark.parametrize("bad", [dict(caches=["paged"]), dict(tasks=["x"]), dict(depths=[2.0]), dict(trials=0),
+                                 dict(lengths=[10])])
+def test_bad_grid(tiny_model, tmp_path, bad):
+    with pytest.raises(ValueError):
+        evals.evaluate(tiny_model, out=tmp_path, **dict(dict(lengths=[200]), **bad))
+
+
+def test_perplexity_chunks_are_exact_and_scored_tokens_are_shared(tiny_model):
+    text = " ".join(f"word{i % 97} item{i % 13}" for i in range(3000))
+    with pi.Model(tiny_model, n_ctx=1024, n_threads=2) as m:
+        toks = m.tokenize(text, add_special=False, parse_special=False)
+        a = evals.perplexity(m, toks, [384, 1024], target=256, rows_per_call=100)
+        b = evals.perplexity(m, toks, [1024], target=256, rows_per_call=1000)
+        # the same computation in one call: logits of the whole window, scored by hand
+        head = m.tokenize("", add_special=True)
+        window = head + toks[1024 - 1024 + len(head):1024]
+        lg = m.logits(window[:-1], last_n=256).astype(np.float64)
+        lse = lg.max(1) + np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1))
+        want = float(np.mean(lse - lg[np.arange(256), window[-256:]]))
+    assert [p.context for p in a] == [384, 1024]
+    assert a[1].nll == pytest.approx(want, rel=1e-6) and b[0].nll == pytest.approx(want, rel=1e-6)
+    assert a[1].ppl == pytest.approx(math.exp(want), rel=1e-6)
+    with pytest.raises(ValueError):
+        evals.perplexity(m, toks, [200], target=256)
+
+
+def test_eval_and_perplexity_commands(tiny_model, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "-m", tiny_model, "--tasks", "multikey", "--lengths", "600", "--depths", "0.5",
+                 "--caches", "infllm", "--n-local", "64", "--block-size", "16", "--n-init", "16", "--topk", "2",
+                 "--rewind", "0", "--out", str(out)]) == 0
+    assert "| multikey | infllm |" in capsys.readouterr().out
+    rec = evals.read_records(out / "records.jsonl")
+    assert len(rec) == 1 and '"n_local": 64' in rec[0].setup
+    txt = tmp_path / "t.txt"
+    txt.write_text(" ".join(f"alpha{i % 31} beta{i % 7}" for i in range(2000)))
+    assert main(["perplexity", "-m", tiny_model, "--text", str(txt), "--contexts", "512,768", "--target", "128",
+                 "--caches", "full", "--json"]) == 0
+    pts = json.loads(capsys.readouterr().out)
+    assert [p["context"] for p in pts] == [512, 768] and all(p["nll"] > 0 for p in pts)
+    assert main(["eval", "-m", tiny_model, "--tasks", "nope", "--out", str(out)]) == 1
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_kjv_text_when_installed():
+    try:
+        text = evals.kjv_text()
+    except FileNotFoundError:
+        pytest.skip("Debian's bible-kjv is not installed")
+    assert text.startswith("In the beginning God created the heaven and the earth.")
+    assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
