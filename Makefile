@@ -8,7 +8,7 @@ BUILD_DIR    = $(shell ls -d build/cp*/ 2>/dev/null | head -n 1)
 JOBS        ?= $(shell nproc)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 
-.PHONY: install demo test test-vulkan vulkan-install upstream-tools bench kernel-bench cuda sanitize clean
+.PHONY: install demo test test-vulkan vulkan-install upstream-tools bench kernel-bench cuda sanitize clean dist-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: install
 
 test: upstream-tools
 	$(PY) -m pytest -q
+
+# build like a user: sdist -> isolated wheel (no llama.cpp download allowed) -> fresh venv -> smoke
+# test outside the tree; checks what the sdist and the wheel hold (scripts/dist_check.py)
+DIST_PYTHONS ?= python3.10
+dist-check: $(VENV)/.build-deps
+	$(PY) scripts/dist_check.py --also-python $(DIST_PYTHONS)
 
 bench: upstream-tools
 	$(PY) benchmarks/overhead.py --out benchmarks/results

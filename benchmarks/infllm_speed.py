@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    ran_on = machine()   # the commit the measured build comes from: read before the long run
     model = args.model or str(smollm2_path())
     depths = [int(d) for d in args.depths.split(",")]
     stock = [] if args.stock == "none" else args.stock.split(",")
@@ -121,7 +122,7 @@ def main() -> int:
     meta = {"command": command(), "model": Path(model).name, "threads": args.threads, "n_gen": args.n_gen,
             "n_gpu_layers": args.n_gpu_layers, "gpu_devices": pi.gpu_devices(),
             "infllm_config": dataclasses.asdict(pi.InfLLMConfig()),
-            "machine": machine(), "upstream_commit": pi.UPSTREAM_COMMIT, "date": now(), "raw": res}
+            "machine": ran_on, "upstream_commit": pi.UPSTREAM_COMMIT, "date": now(), "raw": res}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "infllm_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     names = {"full-fa": "stock FA", "full-nofa": "stock no-FA"}

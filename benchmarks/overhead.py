@@ -29,7 +29,7 @@ from pathlib import Path
 import pyllama_inf as pi
 from pyllama_inf.testing import smollm2_path
 
-from _common import command, header, machine, now, prompt_of
+from _common import command, header, machine, now, prompt_of, write_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 UBATCH = 512
@@ -120,9 +120,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['test']} | {r['depth']} | {r['llama_bench_tok_s']:.1f} | {r['pyllama_inf_tok_s']:.1f} | "
                      f"{r['ratio']:.3f} | {r['overhead_pct']:+.1f}% |")
-    (args.out / "overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_markdown(args.out, "overhead", lines)
 
 
 if __name__ == "__main__":

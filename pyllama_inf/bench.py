@@ -251,13 +251,21 @@ def markdown_table(rows: Iterable[BenchRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install 'pyllama-inf[bench]')"
+
+
+def can_plot() -> bool:
+    """True when matplotlib is installed (the ``bench`` extra), so results come with plots."""
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _plot(rows: List[BenchRow], out: Path) -> List[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not can_plot():
         return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     made = []
     specs = [("decode_tok_s", "decode tok/s", "decode_vs_context.png", False),
              ("device_kv_bytes", "device KV MiB", "device_memory_vs_context.png", True),

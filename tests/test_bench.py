@@ -89,6 +89,16 @@ def test_cli_bench(tiny_model, tmp_path, capsys):
     assert main(["bench", "-m", tiny_model, "--contexts", "2k", "--out", str(tmp_path)]) == 1
 
 
+def test_missing_matplotlib_is_said_not_silent(tiny_model, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    rc = main(["bench", "-m", tiny_model, "--budgets", "full", "--contexts", "256", "--passkey-trials", "0",
+               "--n-gen", "2", "-t", "1", "--out", str(tmp_path)])
+    assert rc == 0 and not list(tmp_path.glob("*.png")) and (tmp_path / "results.json").is_file()
+    assert "plots skipped: matplotlib is not installed (pip install 'pyllama-inf[bench]')" in capsys.readouterr().err
+
+
 def test_second_model_is_smollm2_requantized(smollm2):
     from pathlib import Path
     from pyllama_inf.testing import smollm2_requantized

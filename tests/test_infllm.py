@@ -161,6 +161,14 @@ def test_stats_follow_the_window(smollm2):
     assert s.host_bytes == 0 and inf.bytes_h2d == inf.bytes_d2h == 0 and inf.callbacks == 0
     assert inf.blocks_resident == inf.n_blocks * 30      # SmolLM2 has 30 layers
     assert inf.ubatches == 1000 // 128 + 1
+    # sizes from the GGUF's metadata, not from the cache's layout: every pool slot holds
+    # block_size tokens of f16 K and V over all layers; a representative key is one f32 K row
+    # per block and layer; the ring holds at least the window and the sinks
+    info = pi.inspect(smollm2)
+    per_token = info.kv_bytes_per_token()
+    assert inf.pool_bytes == inf.n_pool * 64 * per_token
+    assert inf.repr_bytes == inf.n_blocks_max * info.n_layer * info.n_head_kv * info.head_dim * 4
+    assert inf.work_bytes >= (256 + 64) * per_token
     fixed = inf.work_bytes + inf.pool_bytes + inf.repr_bytes
     assert fixed <= s.device_bytes <= fixed + 4096
     assert s.infllm.selections > 0

