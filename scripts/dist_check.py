@@ -45,7 +45,7 @@ assert info.n_layer == 2, info
 with pi.Model(str(model), n_ctx=256, n_threads=2) as m:
     r = m.generate("Hello there", max_tokens=4, temperature=0)
     assert r.n_prompt_tokens > 0 and len(r.tokens) == 4, r
-with pi.Model(str(model), n_ctx=256, n_threads=2, kv="infllm",
+with pi.Model(str(model), n_ctx=512, n_threads=2, kv="infllm",
               infllm=pi.InfLLMConfig(block_size=16, n_init=16, n_local=64, topk=2, rewind=0)) as m:
     assert len(m.generate("x " * 150, max_tokens=4, temperature=0).tokens) == 4
 cli = Path(sys.executable).parent / "pyllama-inf"
