@@ -108,7 +108,7 @@ def main() -> int:
     check_wheel(wheel)
     smoke(py, wheel, work / "venv")
     for other in [p for p in args.also_python.split(",") if p]:
-        exe = shutil.which(other)
+        exe = find_python(other)
         if exe is None:
             print(f"dist check: {other} is not installed here; skipped", file=sys.stderr)
             continue
@@ -121,6 +121,19 @@ def main() -> int:
         check_wheel(built)
         smoke(exe, built, work / f"venv-{other}")
     return 0
+
+
+def find_python(name: str) -> str | None:
+    """An interpreter called name that runs: on PATH, or among pyenv's installed versions
+    (whose shims fail for versions that are not selected)."""
+    candidates = [shutil.which(name)]
+    if shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+        candidates += sorted(str(p) for p in Path(root).glob(f"versions/*/bin/{name}")) if root else []
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "-c", "import venv"], capture_output=True).returncode == 0:
+            return exe
+    return None
 
 
 def smoke(python: str, wheel: Path, venv: Path) -> None:
