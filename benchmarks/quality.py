@@ -42,10 +42,8 @@ def ppl_runs(model: str, caches: list[str], contexts: list[int], target: int, th
         kw = dict(kv="infllm", infllm=infllm) if cache == "infllm" else dict(kv="full", flash_attn=True)
         with pi.Model(model, n_ctx=max(todo), n_threads=threads, **kw) as m:
             tokens = m.tokenize(text, add_special=False, parse_special=False)
-            if len(tokens) < end:
-                raise SystemExit(f"the text has {len(tokens)} tokens, fewer than {end}")
             for c in todo:
-                p = evals.perplexity(m, tokens[end - c:end], [c], target=target, cache=cache)[0]
+                p = evals.perplexity(m, tokens, [c], target=target, cache=cache, end=end)[0]
                 row = {"model": name, "setup": setup, "end": end, **dataclasses.asdict(p)}
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -305,10 +305,8 @@ def _perplexity(args) -> None:
         kw = {"kv": "infllm", "infllm": _infllm_config(args)} if cache == "infllm" else {"kv": "full", "flash_attn": True}
         with Model(args.model, n_ctx=max(ctxs), n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, **kw) as m:
             tokens = m.tokenize(text, add_special=False, parse_special=False)
-            end = max(contexts)   # every cache scores the tokens that end here
-            if len(tokens) < end:
-                raise ValueError(f"the text has {len(tokens)} tokens, fewer than the longest context ({end})")
-            for p in evals.perplexity(m, tokens[end - max(ctxs):end], ctxs, target=args.target, cache=cache):
+            # every cache scores the tokens that end at the longest context asked for
+            for p in evals.perplexity(m, tokens, ctxs, target=args.target, cache=cache, end=max(contexts)):
                 points.append(p)
                 print(f"{cache:>7} context {p.context:>7}: loss {p.nll:.4f} nats/token, perplexity {p.ppl:.3f} "
                       f"({p.seconds:.0f} s)", file=sys.stderr)

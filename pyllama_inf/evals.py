@@ -490,20 +490,23 @@ def sequence_nll(logits, targets) -> float:
 
 
 def perplexity(model, tokens: Sequence[int], contexts: Sequence[int], *, target: int = 1024, cache: str = "",
-               rows_per_call: int = 512, progress: Optional[Callable[[int, int], None]] = None) -> List[LossPoint]:
-    """The loss of the same ``target`` tokens (those ending at ``max(contexts)``) given the
+               end: Optional[int] = None, rows_per_call: int = 512,
+               progress: Optional[Callable[[int, int], None]] = None) -> List[LossPoint]:
+    """The loss of the same ``target`` tokens (those ending at token ``end``, default
+    ``max(contexts)``; pass one ``end`` to compare runs over different contexts) given the
     ``c - target`` tokens before them, for each c in ``contexts``, on ``model`` (a
     :class:`pyllama_inf.Model` with ``n_ctx >= max(contexts)``). Logits come ``rows_per_call``
     rows at a time, so memory stays bounded for large vocabularies. ``tokens`` is the text
     without special tokens; each window starts with the model's BOS when it has one."""
     contexts = sorted({int(c) for c in contexts})
-    end = contexts[-1] if contexts else 0
     if not contexts or contexts[0] <= target or target < 1:
         raise ValueError(f"every context must be longer than target ({target}), got {contexts}")
-    if len(tokens) < end:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than the longest context ({end})")
-    if end > model.n_ctx:
-        raise ValueError(f"the longest context ({end}) is more than the model's n_ctx ({model.n_ctx})")
+    end = contexts[-1] if end is None else int(end)
+    if end < contexts[-1] or len(tokens) < end:
+        raise ValueError(f"the scored tokens must end at or after the longest context ({contexts[-1]}) and within "
+                         f"the text ({len(tokens)} tokens), got end={end}")
+    if contexts[-1] > model.n_ctx:
+        raise ValueError(f"the longest context ({contexts[-1]}) is more than the model's n_ctx ({model.n_ctx})")
     head = model.tokenize("", add_special=True)   # BOS where the model wants one: each window starts a text
     out = []
     for i, c in enumerate(contexts):

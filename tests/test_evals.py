@@ -151,6 +151,9 @@ def test_perplexity_chunks_are_exact_and_scored_tokens_are_shared(tiny_model):
         toks = m.tokenize(text, add_special=False, parse_special=False)
         a = evals.perplexity(m, toks, [384, 1024], target=256, rows_per_call=100)
         b = evals.perplexity(m, toks, [1024], target=256, rows_per_call=1000)
+        # one context scored against a later end: the window is the 384 tokens before it
+        c = evals.perplexity(m, toks[:-7], [384], target=256, end=1024)
+        assert c[0].nll == pytest.approx(a[0].nll, rel=1e-6)
         # the same computation in one call: logits of the whole window, scored by hand
         head = m.tokenize("", add_special=True)
         window = head + toks[1024 - 1024 + len(head):1024]
