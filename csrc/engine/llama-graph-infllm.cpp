@@ -542,8 +542,7 @@ ggml_tensor * llama_infllm_build_attn(
             ggml_tensor * ke = ggml_set_rows(ctx0, L.k_evict, ks, inp->ev_dst);
             ggml_tensor * ve = ggml_set_rows(ctx0, L.v_evict, v_read, inp->ev_dst);
             // the hand-over reads the buffers: a view computed after both writes, on the device.
-            // It computes nothing (a one-element ggml_cont here, on the device or hung off an
-            // input on the CPU, corrupted the heap on Vulkan/lavapipe)
+            // It computes nothing
             hand_over(infllm_after(ctx0, ke, {ve}), llama_kv_cache_infllm::EVICT_NODE);
         }
         // representative keys: the sum of each block's keys at position 0

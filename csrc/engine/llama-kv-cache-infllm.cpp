@@ -171,19 +171,6 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
         first = false;
     }
 
-    if (!resident) {
-        // ggml-vulkan: with the hand-over at the selection, a later allocation finds the heap
-        // corrupted (lavapipe, most runs of tests/test_device.py -k gpu; not the transfer
-        // backend, the pinned store or top-k: README, "Tests on devices"). Refuse until
-        // understood; PYLLAMA_INF_VULKAN_OFFLOAD=1 lifts the refusal to reproduce it.
-        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-        ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
-        const char * env = std::getenv("PYLLAMA_INF_VULKAN_OFFLOAD");
-        if (reg && std::strcmp(ggml_backend_reg_name(reg), "Vulkan") == 0 && !(env && std::strcmp(env, "1") == 0)) {
-            throw std::runtime_error("InfLLM cache: the offload mode (a kv_budget or cache_blocks below the context's "
-                "blocks) is not supported on Vulkan yet; give the cache room for every block (no kv_budget)");
-        }
-    }
     {
         const char * env = std::getenv("PYLLAMA_INF_ATTN");
         // not with attention logit soft-capping (Gemma 2): ggml's flash attention applies it

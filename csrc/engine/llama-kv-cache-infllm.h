@@ -213,7 +213,7 @@ private:
     // host memory of the store's type (pinned where the device has it) for the selection's
     // block ids and the slots written back: [0, n_sel) ids, [n_sel, 2 n_sel) slots. Copies
     // from pageable memory are synchronous on CUDA and go through a staging buffer and a
-    // nested submit on Vulkan (lavapipe's heap was corrupted with them)
+    // nested submit on Vulkan
     ggml_backend_buffer_ptr sel_host;
     bool d2h_pending = false;  // evicted blocks on their way to the host store
 
