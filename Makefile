@@ -33,7 +33,7 @@ demo: install
 	$(PY) -m pyllama_inf.cli demo
 
 test: upstream-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # build like a user: sdist -> isolated wheel (no llama.cpp download allowed) -> fresh venv -> smoke
 # test outside the tree; checks what the sdist and the wheel hold (scripts/dist_check.py)
