@@ -8,7 +8,7 @@ BUILD_DIR    = $(shell ls -d build/cp*/ 2>/dev/null | head -n 1)
 JOBS        ?= $(shell nproc)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 
-.PHONY: install demo test test-vulkan vulkan-install upstream-tools bench kernel-bench cuda sanitize clean dist-check
+.PHONY: install demo test test-slow test-vulkan vulkan-install upstream-tools bench kernel-bench cuda sanitize clean dist-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,12 @@ upstream-tools: install
 demo: install
 	$(PY) -m pyllama_inf.cli demo
 
+# the suite without the tests marked slow (the README's test command); CI runs both
 test: upstream-tools
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q --durations=20 -m "not slow"
+
+test-slow: upstream-tools
+	$(PY) -m pytest -q --durations=10 -m slow
 
 # build like a user: sdist -> isolated wheel (no llama.cpp download allowed) -> fresh venv -> smoke
 # test outside the tree; checks what the sdist and the wheel hold (scripts/dist_check.py)

@@ -43,6 +43,7 @@ def test_window_covering_context_equals_stock(smollm2, long_text, full_logits, p
     assert stats.infllm.n_blocks == 0
 
 
+@pytest.mark.slow
 def test_flash_attn_setting_does_not_change_infllm(smollm2, long_text):
     cfg = pi.InfLLMConfig(n_local=256, n_init=64, block_size=64, topk=8)
     a, _ = teacher_forced(smollm2, long_text, 2048, flash_attn=True, kv="infllm", infllm=cfg)
@@ -91,6 +92,7 @@ def short_text(smollm2):
         return passkey.make_task(700, 0.3, 7, lambda t: len(m.tokenize(t))).prompt
 
 
+@pytest.mark.slow
 def test_decode_kernel_as_close_to_stock_as_flash_attention(smollm2, short_text, monkeypatch):
     # decode steps over a CPU cache use the cache's own single-query kernel (f32 sums); the
     # reference is stock attention without flash attention (f32 softmax)
@@ -131,6 +133,7 @@ def test_greedy_generation_equals_stock_when_window_covers(smollm2, monkeypatch)
     assert stats.graphs_reused >= b.timings.decode_tokens - 3
 
 
+@pytest.mark.slow
 def test_retrieval_needs_the_selected_blocks(smollm2):
     """The needle lies far outside the local window: found with 4 selected blocks, lost with none."""
     hits = {}

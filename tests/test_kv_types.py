@@ -20,6 +20,7 @@ def text(smollm2):
         return passkey.make_task(1500, 0.3, 7, lambda t: len(m.tokenize(t))).prompt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", ["q8_0", "q4_0"])
 def test_infllm_equals_stock_cache_of_the_same_type(smollm2, text, t):
     # the reference: llama.cpp's own cache storing the same type
@@ -41,6 +42,7 @@ def test_infllm_equals_stock_cache_of_the_same_type(smollm2, text, t):
     assert s.infllm.n_blocks > 10 and s.infllm.selections > 0
 
 
+@pytest.mark.slow
 def test_decode_kernel_reads_q8_0_rows(smollm2, text, monkeypatch):
     # decode steps over a q8_0 cache use the cache's own kernel (f32 query and sums); the
     # reference is the stock q8_0 cache with ggml's flash attention
@@ -57,6 +59,7 @@ def test_decode_kernel_reads_q8_0_rows(smollm2, text, monkeypatch):
     assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
 
 
+@pytest.mark.slow
 def test_offload_is_bit_identical_with_q8_0(smollm2, text):
     cfg = pi.InfLLMConfig(n_local=256, n_init=64, block_size=64, topk=4)
     a, sa = teacher_forced(smollm2, text, kv="infllm", infllm=cfg, type_k="q8_0", type_v="q8_0")
