@@ -54,7 +54,8 @@ def prompt_of(m: pi.Model, n_tokens: int) -> str:
 def infllm_defaults() -> str:
     """The default InfLLMConfig in words, as the results files name it."""
     c = pi.InfLLMConfig()
-    return f"block {c.block_size}, n_init {c.n_init}, n_local {c.n_local}, topk {c.topk}, rewind {c.rewind}"
+    return (f"block {c.block_size}, n_init {c.n_init}, n_local {c.n_local}, topk {c.topk}, rewind {c.rewind}, "
+            f"repr_keys {c.repr_keys}")
 
 
 def header(title: str, meta: dict, about: str, machine_note: str = "") -> list[str]:

@@ -38,6 +38,7 @@ class SessionParams:
     n_local: int
     topk: int
     rewind: int
+    repr_keys: int
     absolute: bool
     budget_bytes: int
     cache_blocks: int

@@ -398,6 +398,7 @@ class Model:
             params.n_local = infllm.n_local
             params.topk = infllm.topk
             params.rewind = infllm.rewind
+            params.repr_keys = infllm.repr_keys
             params.absolute = infllm.positions == "absolute"
             if infllm.cache_blocks is not None:
                 if budget is not None:
@@ -430,7 +431,8 @@ class Model:
             "swa_full": (kv == "full") if swa_full is None else bool(swa_full),
             "infllm": None if kv != "infllm" else {
                 "block_size": infllm.block_size, "n_init": infllm.n_init, "n_local": infllm.n_local,
-                "topk": infllm.topk, "positions": infllm.positions, "rewind": infllm.rewind},
+                "topk": infllm.topk, "positions": infllm.positions, "rewind": infllm.rewind,
+                "repr_keys": infllm.repr_keys},
         }
         self._session = _core.Session(params)
         if kv == "infllm":

@@ -27,11 +27,13 @@ def _add_infllm_args(g) -> None:
     g.add_argument("--topk", type=int, default=None, help=f"blocks selected per chunk (default {d.topk})")
     g.add_argument("--rewind", type=int, default=None,
                    help=f"ring cells kept to take back the end of the context (default {d.rewind})")
+    g.add_argument("--repr-keys", type=int, default=None,
+                   help=f"score a block by its r most-attended keys, 0: by all its keys (default {d.repr_keys})")
     g.add_argument("--positions", choices=("infllm", "absolute"), default=None,
                    help=f"memory at one fixed distance (infllm) or at true positions (default {d.positions})")
 
 
-_INFLLM_FLAGS = ("block_size", "n_init", "n_local", "topk", "rewind", "positions")
+_INFLLM_FLAGS = ("block_size", "n_init", "n_local", "topk", "rewind", "repr_keys", "positions")
 
 
 def _infllm_config(args, **extra) -> InfLLMConfig:

@@ -52,6 +52,10 @@ class InfLLMConfig:
         shares a prefix with the context can take back up to about n_ubatch + rewind of its
         last tokens (an earlier answer, the previous question) without evaluating everything
         again. Costs rewind K/V rows per layer on the device; 0 keeps the smallest ring.
+    repr_keys: how a block is scored for selection. 0: by the sum of its keys (its mean key,
+        up to scale). r (1..block_size): by the sum of the r keys that the query of the chunk
+        that evicts the block attends to most — InfLLM's representative tokens, so that a
+        few salient tokens are not averaged away by the block's filler.
     positions: ``"infllm"`` puts memory tokens at one fixed distance (``n_local``) from the
         query, which lets a model run past its trained context; ``"absolute"`` keeps true
         positions.
@@ -69,11 +73,12 @@ class InfLLMConfig:
     n_local: int = 4096
     topk: int = 16
     rewind: int = 1024
+    repr_keys: int = 0
     positions: str = "infllm"
     cache_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for field in ("block_size", "n_init", "n_local", "topk", "rewind"):
+        for field in ("block_size", "n_init", "n_local", "topk", "rewind", "repr_keys"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"InfLLMConfig.{field} must be an int, not {type(value).__name__}")
@@ -89,6 +94,8 @@ class InfLLMConfig:
             raise ValueError(f"InfLLMConfig.topk must be >= 0, got {self.topk}")
         if self.rewind < 0:
             raise ValueError(f"InfLLMConfig.rewind must be >= 0, got {self.rewind}")
+        if not 0 <= self.repr_keys <= self.block_size:
+            raise ValueError(f"InfLLMConfig.repr_keys must be in [0, block_size={self.block_size}], got {self.repr_keys}")
         if self.cache_blocks is not None:
             if isinstance(self.cache_blocks, bool) or not isinstance(self.cache_blocks, int):
                 raise TypeError(f"InfLLMConfig.cache_blocks must be an int or None, not {type(self.cache_blocks).__name__}")

@@ -814,6 +814,8 @@ void register_session(py::module_ & m) {
                                     [](session_params & p, uint32_t v) { p.iparams.topk = v; })
         .def_property("rewind",     [](const session_params & p) { return p.iparams.rewind; },
                                     [](session_params & p, uint32_t v) { p.iparams.rewind = v; })
+        .def_property("repr_keys",  [](const session_params & p) { return p.iparams.repr_keys; },
+                                    [](session_params & p, uint32_t v) { p.iparams.repr_keys = v; })
         .def_property("absolute",   [](const session_params & p) { return p.iparams.absolute; },
                                     [](session_params & p, bool v) { p.iparams.absolute = v; })
         .def_property("budget_bytes", [](const session_params & p) { return p.iparams.budget_bytes; },

@@ -193,7 +193,7 @@ static std::unique_ptr<llm_graph_input_attn_infllm> infllm_new_input(const llm_g
     const int64_t n_mem = infllm_n_mem(p, shape.memory, shape.n_sel);
     inp->ring_idx = input(GGML_TYPE_I32, n_q, 1, "infllm_ring_idx");
     inp->kq_mask  = input(GGML_TYPE_F16, llama_kv_cache_infllm::n_attended(n_mem, shape.n_ring), n_q, "infllm_kq_mask");
-    if (!p.absolute && (shape.n_sel > 0 || shape.memory)) {
+    if (!p.absolute && (shape.n_sel > 0 || shape.memory || (shape.n_ev > 0 && p.repr_keys > 0))) {
         inp->sel_pos = input(GGML_TYPE_I32, 1, 1, "infllm_sel_pos");
         // one position for every memory row: a prefix serves the blocks and the sinks
         inp->mem_pos = input(GGML_TYPE_I32, std::max<int64_t>(1, std::max<int64_t>((int64_t) shape.n_sel*p.block_size, p.n_init)), 1,
@@ -493,6 +493,24 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_build_forward_expand(gf, t);
     };
 
+    // the chunk's summed query as it sees keys stored at position 0, per KV head summed over
+    // its query heads: a block's score is its representative key's dot product with it
+    ggml_tensor * q_chunk = nullptr;
+    auto chunk_query = [&]() {
+        if (q_chunk == nullptr) {
+            const int64_t n_gqa = n_head/n_kv_h;
+            ggml_tensor * qs = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 1, 2, 0, 3));    // [n_q, d_k, n_head]
+            qs = ggml_reshape_3d(ctx0, ggml_sum_rows(ctx0, qs), d_k, n_head, 1);
+            if (rotate) {
+                qs = infllm_rope(ctx0, rope, qs, inp->sel_pos);
+            }
+            qs = ggml_reshape_3d(ctx0, qs, d_k, n_gqa, n_kv_h);
+            qs = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, qs, 1, 0, 2, 3)));  // [1, d_k, n_kv_h]
+            q_chunk = ggml_reshape_2d(ctx0, qs, row_k, 1);
+        }
+        return q_chunk;
+    };
+
     //
     // eviction: the rows that leave the window are read from the ring before this ubatch's
     // writes can reach them (explicit edges below), their keys rotated back to position 0, and
@@ -545,9 +563,20 @@ ggml_tensor * llama_infllm_build_attn(
             // It computes nothing
             hand_over(infllm_after(ctx0, ke, {ve}), llama_kv_cache_infllm::EVICT_NODE);
         }
-        // representative keys: the sum of each block's keys at position 0
+        // representative keys (at position 0): the sum of each block's keys, or with repr_keys
+        // = r the sum of the r keys this chunk's query attends to most (InfLLM's
+        // representative tokens; a sum of r keys scores a block as the sum of their scores)
         if (c->n_sel > 0) {
-            ggml_tensor * sums = ggml_cont(ctx0, ggml_permute(ctx0, ggml_reshape_3d(ctx0, k0, row_k, bs, shape.n_ev), 1, 0, 2, 3));
+            ggml_tensor * keys = ggml_reshape_3d(ctx0, k0, row_k, bs, shape.n_ev);
+            const int64_t r = p.repr_keys;
+            if (r > 0 && r < bs) {
+                ggml_tensor * sc = ggml_reshape_2d(ctx0, ggml_mul_mat(ctx0, k0, chunk_query()), bs, shape.n_ev);
+                // one pick is an argmax (ggml-vulkan's top-k shortcut for k = 1, see below)
+                ggml_tensor * top = r == 1 ? ggml_reshape_2d(ctx0, ggml_argmax(ctx0, sc), 1, shape.n_ev)
+                                           : ggml_top_k(ctx0, sc, (int) r);                  // I32 [r, n_ev]
+                keys = ggml_get_rows(ctx0, keys, top);                                        // [row_k, r, n_ev]
+            }
+            ggml_tensor * sums = ggml_cont(ctx0, ggml_permute(ctx0, keys, 1, 0, 2, 3));
             sums = ggml_reshape_2d(ctx0, ggml_sum_rows(ctx0, sums), row_k, shape.n_ev);     // [row_k, n_ev]
             repr = ggml_set_rows(ctx0, L.repr, sums, inp->ev_blk);
             ggml_build_forward_expand(gf, repr);
@@ -571,16 +600,7 @@ ggml_tensor * llama_infllm_build_attn(
 
     ggml_tensor * slots = nullptr;
     if (n_sel > 0) {
-        const int64_t n_gqa = n_head/n_kv_h;
-        ggml_tensor * qs = ggml_cont(ctx0, ggml_permute(ctx0, q_cur, 1, 2, 0, 3));    // [n_q, d_k, n_head]
-        qs = ggml_reshape_3d(ctx0, ggml_sum_rows(ctx0, qs), d_k, n_head, 1);
-        if (rotate) {
-            qs = infllm_rope(ctx0, rope, qs, inp->sel_pos);
-        }
-        qs = ggml_reshape_3d(ctx0, qs, d_k, n_gqa, n_kv_h);
-        qs = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, qs, 1, 0, 2, 3)));  // [1, d_k, n_kv_h]
-        qs = ggml_reshape_2d(ctx0, qs, row_k, 1);
-
+        ggml_tensor * qs = chunk_query();
         ggml_tensor * scores = ggml_add(ctx0, ggml_mul_mat(ctx0, repr, qs),
                                         ggml_reshape_2d(ctx0, inp->blk_bias, c->n_blocks, 1));  // [n_blocks, 1]
         // n_sel <= memory blocks, so every pick has a finite score. One pick is an argmax:

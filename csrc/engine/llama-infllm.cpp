@@ -70,8 +70,8 @@ void infllm_check_supported(const llama_model & model, const llama_memory_params
     if (p.cache_blocks < -1 || (p.cache_blocks >= 0 && p.budget_bytes > 0)) {
         refuse("invalid parameters (cache_blocks must be >= 0, or -1 for the default, and is decided by the budget when one is given)");
     }
-    if (p.block_size == 0 || p.n_local == 0 || p.rewind > (1u << 30)) {
-        refuse("invalid parameters (block_size and n_local must be > 0, rewind at most 2^30)");
+    if (p.block_size == 0 || p.n_local == 0 || p.rewind > (1u << 30) || p.repr_keys > p.block_size) {
+        refuse("invalid parameters (block_size and n_local must be > 0, rewind at most 2^30, repr_keys at most block_size)");
     }
     if (llama_model_is_recurrent(&model) || llama_model_is_hybrid(&model)) {
         refuse("recurrent and hybrid models are not supported");
@@ -174,6 +174,7 @@ llama_infllm_params llama_infllm_default_params(void) {
     p.n_local    = 4096;
     p.topk       = 16;
     p.rewind     = 1024;
+    p.repr_keys  = 0;
     p.absolute   = false;
     p.budget_bytes = 0;
     p.cache_blocks = -1;

@@ -19,6 +19,8 @@ extern "C" {
         uint32_t n_local;      // local window, attended at true relative positions
         uint32_t topk;         // memory blocks selected per query chunk and layer
         uint32_t rewind;       // ring cells kept beyond the window: how far the context's tail can be taken back
+        uint32_t repr_keys;    // representative key of a block: 0 the sum of its keys, r the sum of the r keys
+                               // the evicting chunk's query attends to most (r <= block_size)
         bool     absolute;     // false: memory at one position just before the window; true: true positions
         size_t   budget_bytes; // device bytes the cache may use (0: no bound; cache_blocks sizes the pool)
         int32_t  cache_blocks; // device block slots per layer without a budget (-1: every block); -1 with a budget
