@@ -51,9 +51,9 @@ def prompt_of(m: pi.Model, n_tokens: int) -> str:
     return text
 
 
-def infllm_defaults() -> str:
-    """The default InfLLMConfig in words, as the results files name it."""
-    c = pi.InfLLMConfig()
+def infllm_defaults(c: pi.InfLLMConfig | None = None) -> str:
+    """An InfLLMConfig (the default one unless given) in words, as the results files name it."""
+    c = c or pi.InfLLMConfig()
     return (f"block {c.block_size}, n_init {c.n_init}, n_local {c.n_local}, topk {c.topk}, rewind {c.rewind}, "
             f"repr_keys {c.repr_keys}")
 

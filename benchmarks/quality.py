@@ -52,6 +52,17 @@ def ppl_runs(model: str, caches: list[str], contexts: list[int], target: int, th
     return done
 
 
+def infllm_config(spec: str) -> pi.InfLLMConfig:
+    """An InfLLMConfig from "field=value,..." (values are ints, or text for positions)."""
+    kw = {}
+    for item in filter(None, spec.split(",")):
+        field, sep, value = item.partition("=")
+        if not sep or field not in {f.name for f in dataclasses.fields(pi.InfLLMConfig)}:
+            raise SystemExit(f"--infllm: {item!r} is not field=value of InfLLMConfig")
+        kw[field] = value if field == "positions" else int(value)
+    return pi.InfLLMConfig(**kw)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2",
@@ -64,12 +75,14 @@ def main() -> int:
     ap.add_argument("--ppl-contexts", default="", help="contexts for the loss on the long text ('' for none)")
     ap.add_argument("--target", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--infllm", default="",
+                    help="InfLLMConfig fields that differ from the defaults, e.g. n_local=1024,repr_keys=8")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     fetch = {"smollm2": smollm2_path, "gemma3": gemma3_270m_path}.get(args.model)
     model = str(fetch()) if fetch else args.model
     caches = [c for c in args.caches.split(",") if c]
-    infllm = pi.InfLLMConfig()
+    infllm = infllm_config(args.infllm)
     full_max = pi.inspect(model).n_ctx_train
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command(), "model": Path(model).name, "machine": machine(), "date": now(),
@@ -91,7 +104,8 @@ def main() -> int:
 
     runs = [json.loads(line) for line in (args.out / "runs.jsonl").read_text().splitlines() if line.strip()]
     lines = header("Long-context quality: retrieval tasks and loss on a long text", meta,
-                   f"trained context {full_max}, greedy, {args.threads} threads; InfLLM defaults ({infllm_defaults()}); "
+                   f"trained context {full_max}, greedy, {args.threads} threads; InfLLM "
+                   f"{'defaults' if infllm == pi.InfLLMConfig() else 'settings'} ({infllm_defaults(infllm)}); "
                    "stock cache with flash attention, only up to the trained context") + [
         f"- runs that wrote these results (commit, date): "
         + "; ".join(f"{r['machine']['commit']} {r['date']}" for r in runs), ""]
