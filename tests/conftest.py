@@ -9,6 +9,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def tiny_ids(n: int) -> list[int]:
+    """n token ids inside the synthetic models' vocabulary (pyllama_inf.testing, 278 tokens)."""
+    return [2 + (i * 7 + i // 13) % 250 for i in range(n)]
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """Path of SmolLM2-135M-Instruct Q4_1 (fetched and verified once, then cached)."""

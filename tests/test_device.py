@@ -20,15 +20,10 @@ import pytest
 import pyllama_inf as pi
 from pyllama_inf.testing import rpc_server
 
-from conftest import ROOT
+from conftest import ROOT, tiny_ids as ids
 
 SMALL = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=4)
 N_TOKENS = 400
-
-
-def ids(n):
-    """n token ids inside the synthetic model's vocabulary."""
-    return [2 + (i * 7 + i // 13) % 250 for i in range(n)]
 
 
 def _vulkan_device():

@@ -27,6 +27,7 @@ import sys
 
 import pytest
 
+from conftest import tiny_ids
 from families import FAMILIES, write_all
 
 MIN_TOP1 = 0.99
@@ -188,7 +189,7 @@ def test_frequency_factors_reposition_like_linear_scaling(family, tmp_path):
     linear = write_random_family(tmp_path / "linear.gguf", family, rope_factors=np.ones(n, np.float32),
                                  extra_kv={f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": c})
     plain = write_random_family(tmp_path / "plain.gguf", family, rope_factors=np.ones(n, np.float32))
-    ids = [2 + (i * 7 + i // 13) % 250 for i in range(400)]
+    ids = tiny_ids(400)
     cfg = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=4)
 
     def logits(path, **kw):
@@ -218,7 +219,7 @@ def test_soft_capped_decode_steps(tmp_path):
     from families import write_random_family
 
     path = str(write_random_family(tmp_path / "gemma2.gguf", "gemma2"))
-    ids = [2 + (i * 7 + i // 13) % 250 for i in range(120)]
+    ids = tiny_ids(120)
 
     def logits(**kw):
         with pi.Model(path, n_ctx=256, n_threads=1, n_ubatch=1, flash_attn=True, swa_full=False, **kw) as m:

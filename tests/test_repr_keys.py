@@ -15,13 +15,10 @@ import pytest
 
 import pyllama_inf as pi
 
+from conftest import tiny_ids as ids
+
 BS, N_INIT, N_LOCAL = 16, 16, 64
 HEADER_U32 = 15   # the cache's state header (magic, version, layers, ... V row bytes)
-
-
-def ids(n):
-    """n token ids inside the synthetic model's vocabulary (278 tokens)."""
-    return [2 + (i * 7 + i // 13) % 250 for i in range(n)]
 
 
 def read_state(path, info):
