@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="trial t uses seed + t (default 0)")
     e.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
     e.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    e.add_argument("--scratch-dir", default=None,
+                   help="where the contexts that prompts share are saved while the run lasts (default: the "
+                        "system's temporary directory; gigabytes at long contexts)")
+    e.add_argument("--no-shared-prefixes", action="store_true",
+                   help="evaluate every prompt from its first token (same answers, slower for the InfLLM cache)")
     _add_infllm_args(e.add_argument_group("InfLLM cache"))
     e.add_argument("--out", required=True,
                    help="directory for records.jsonl (trials already there are not run again), eval.json, "
@@ -276,6 +281,7 @@ def _eval(args) -> None:
         lengths=_split(args.lengths, int, "--lengths"), depths=_split(args.depths, float, "--depths"),
         trials=args.trials, out=args.out, infllm=_infllm_config(args), threads=args.threads,
         n_gpu_layers=args.n_gpu_layers, full_max_length=args.full_max_length, seed=args.seed,
+        share_prefixes=not args.no_shared_prefixes, scratch_dir=args.scratch_dir,
         progress=sys.stderr.isatty(), log=lambda msg: print(msg, file=sys.stderr))
     print(evals.markdown(summaries), end="")
     print(f"results in {args.out}", file=sys.stderr)

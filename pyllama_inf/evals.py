@@ -37,6 +37,7 @@ import re
 import shutil
 import string
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,10 +339,67 @@ def plot(summaries: Sequence[EvalSummary], path: Union[str, Path]) -> Optional[P
     return path
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _SharedPrefixes:
+    """Runs prompts so that a prefix several of them share is evaluated once.
+
+    The prompts go in token order; where later prompts branch off the current one (the filler
+    before a needle, the same at every trial of a depth), the context is saved there with
+    :meth:`Model.save_state` and loaded again before them. It only chooses the context a
+    prompt starts from: the model's own prefix reuse decides what is evaluated, and its
+    results are those of evaluating the whole prompt afresh (see :class:`Model`). This
+    matters for the InfLLM cache, which can go back only about ``n_ubatch + rewind`` tokens,
+    so without a saved state every long prompt is evaluated from its first token.
+    """
+
+    def __init__(self, model, prompts: Sequence[str], *, grid: int, rewind: Optional[int], scratch: str):
+        self.m, self.grid, self.rewind, self.scratch = model, grid, rewind, scratch
+        self.seqs = [model.tokenize(p) for p in prompts]
+        self.order = sorted(range(len(prompts)), key=lambda i: self.seqs[i])
+        o = self.order
+        self.branch = [_common_prefix(self.seqs[a], self.seqs[b]) for a, b in zip(o, o[1:])]
+        self.stack: List[Tuple[int, str]] = []      # saved contexts (length, file), prefixes of the current prompt
+        self.evaluated = 0                           # tokens evaluated to make the saved contexts
+
+    def prepare(self, j: int) -> None:
+        """Make the context the best saved start for prompt order[j], saving the states later prompts need."""
+        seq = self.seqs[self.order[j]]
+        if j:
+            while self.stack and self.stack[-1][0] > self.branch[j - 1]:
+                Path(self.stack.pop()[1]).unlink()
+        held = self.m.context_tokens
+        keep = _common_prefix(held, seq)
+        if self.rewind is not None and len(held) - keep > self.rewind:
+            keep = 0                                 # the InfLLM cache cannot go back that far
+        keep -= keep % self.grid
+        if self.stack and self.stack[-1][0] > keep:
+            self.m.load_state(self.stack[-1][1])
+            keep = self.stack[-1][0]
+        wants, low = set(), len(seq)
+        for b in self.branch[j:]:                    # where each later prompt leaves this one
+            low = min(low, b)
+            wants.add(low - low % self.grid)
+        for pos in sorted(w for w in wants if keep < w < len(seq)):
+            self.m.logits(seq[:pos], last_n=1)
+            path = str(Path(self.scratch) / f"{len(self.stack)}.state")
+            self.m.save_state(path)
+            self.stack.append((pos, path))
+            self.evaluated += pos - keep
+            keep = pos
+
+
 def evaluate(model: str, *, caches: Sequence[str] = CACHES, tasks: Sequence[str] = TASKS,
              lengths: Sequence[int] = (4096, 8192), depths: Sequence[float] = (0.1, 0.5, 0.9), trials: int = 1,
              out: Union[str, Path], infllm=None, threads: Optional[int] = None, n_gpu_layers: int = 0,
-             full_max_length: Optional[int] = None, seed: int = 0, progress: bool = False,
+             n_ubatch: int = 512, full_max_length: Optional[int] = None, seed: int = 0,
+             share_prefixes: bool = True, scratch_dir: Optional[str] = None, progress: bool = False,
              log: Callable[[str], None] = lambda s: None) -> List[EvalSummary]:
     """Run the grid cache x task x length x depth x trial on ``model`` (a GGUF path).
 
@@ -352,6 +410,16 @@ def evaluate(model: str, *, caches: Sequence[str] = CACHES, tasks: Sequence[str]
     already there with the same model and cache settings are not run again. Writes
     ``eval.json``, ``eval.md`` and ``eval.png`` (when matplotlib is installed; ``log`` says
     when it is not) and returns the summaries of every record in ``out``.
+
+    With ``share_prefixes`` (default) the prompts run in token order and a prefix that several
+    of them share (the filler before a needle: the same for every trial at a depth, and for
+    passkey at every deeper depth) is evaluated once: the context is saved there
+    (:meth:`Model.save_state`, files in a temporary directory under ``scratch_dir``, default
+    the system's, removed at the end; at a long context they take gigabytes) and loaded for
+    the prompts that start with it. The answers are the same as without (the model's prefix
+    reuse gives the results of a fresh evaluation); only the time changes, and a trial's
+    ``seconds`` then include the saving of states that later trials use. ``n_ubatch`` is the
+    model's compute step.
     """
     from ._model import Model
     from .config import InfLLMConfig
@@ -394,14 +462,25 @@ def evaluate(model: str, *, caches: Sequence[str] = CACHES, tasks: Sequence[str]
             max_gen = 48
             n_ctx = max(n for _, n, _, _ in todo) + max_gen + 64
             kw = {"kv": "infllm", "infllm": infllm} if cache == "infllm" else {"kv": "full", "flash_attn": True}
-            with Model(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, **kw) as m:
+            with Model(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, n_ubatch=n_ubatch,
+                       **kw) as m, tempfile.TemporaryDirectory(prefix="pyllama-inf-eval-", dir=scratch_dir) as tmp:
                 count = lambda text: len(m.tokenize(text))  # noqa: E731
-                for t, n, d, k in todo:
+                built = [make_task(t, n, d, seed + k, count) for t, n, d, k in todo]
+                shared, n_prompt, n_new = None, 0, 0
+                if share_prefixes:
+                    shared = _SharedPrefixes(m, [b.prompt for b in built], grid=n_ubatch, scratch=tmp,
+                                             rewind=infllm.rewind if cache == "infllm" else None)
+                for j in range(len(todo)):
+                    i = shared.order[j] if shared else j
+                    (t, n, d, k), task = todo[i], built[i]
                     if bar is not None:
                         bar.set_postfix_str(f"{cache} {t} {n} d={d:g}")
                     t0 = time.perf_counter()
-                    task = make_task(t, n, d, seed + k, count)
+                    if shared:
+                        shared.prepare(j)
                     r = m.generate(task.prompt, max_tokens=task.max_tokens, temperature=0)
+                    n_prompt += r.n_prompt_tokens
+                    n_new += r.n_prompt_tokens - r.n_reused_tokens
                     rec = EvalRecord(name, cache, setup, t, n, task.n_tokens, d, k, seed + k, list(task.answers),
                                      r.text, is_correct(task, r.text), round(time.perf_counter() - t0, 2))
                     with open(records_path, "a", encoding="utf-8") as f:
@@ -409,6 +488,10 @@ def evaluate(model: str, *, caches: Sequence[str] = CACHES, tasks: Sequence[str]
                     records.append(rec)
                     if bar is not None:
                         bar.update(1)
+                if shared:
+                    n_new += shared.evaluated
+                log(f"{cache}: {n_new} tokens evaluated for {len(todo)} prompts of {n_prompt} tokens"
+                    + (" (shared prefixes)" if shared else ""))
     finally:
         if bar is not None:
             bar.close()

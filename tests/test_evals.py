@@ -138,6 +138,34 @@ def test_grid_runs_resumes_and_skips_the_stock_cache_past_its_length(tiny_model,
     assert len(evals.read_records(tmp_path / "records.jsonl")) == 12 + 8
 
 
+@pytest.mark.parametrize("cache", ["infllm", "full"])
+def test_shared_prefixes_give_the_same_answers_with_less_evaluated(tiny_model, tmp_path, cache):
+    # rewind 0: the InfLLM cache alone cannot go back to a prefix an earlier prompt shared
+    cfg = pi.InfLLMConfig(block_size=16, n_init=16, n_local=64, topk=2, rewind=0)
+    kw = dict(caches=[cache], tasks=["passkey", "multikey"], lengths=[900], depths=[0.3, 0.7], trials=3, infllm=cfg,
+              threads=2, n_ubatch=64, scratch_dir=str(tmp_path))
+    said = {}
+    for share in (False, True):
+        said[share] = []
+        evals.evaluate(tiny_model, out=tmp_path / str(share), share_prefixes=share, log=said[share].append, **kw)
+    recs = {s: {r.key(): r for r in evals.read_records(tmp_path / str(s) / "records.jsonl")} for s in said}
+    assert len(recs[True]) == 12 and recs[True].keys() == recs[False].keys()
+    for key, r in recs[False].items():
+        assert recs[True][key].output == r.output and recs[True][key].answers == r.answers
+    counts = {}
+    for s, lines in said.items():
+        m = [re.match(r"\w+: (\d+) tokens evaluated for 12 prompts of (\d+) tokens", x) for x in lines]
+        (new, total), = [tuple(map(int, x.groups())) for x in m if x]
+        counts[s] = new, total
+    prompt_tokens = sum(r.n_tokens for r in recs[True].values())   # BOS included
+    assert counts[True][1] == counts[False][1] == prompt_tokens
+    # the filler before a needle (passkey: the same at every trial and depth) is evaluated once
+    if cache == "infllm":
+        assert counts[False][0] == prompt_tokens
+    assert counts[True][0] < 0.75 * prompt_tokens
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("pyllama-inf-eval-")] == []
+
+
 @pytest.mark.parametrize("bad", [dict(caches=["paged"]), dict(tasks=["x"]), dict(depths=[2.0]), dict(trials=0),
                                  dict(lengths=[10])])
 def test_bad_grid(tiny_model, tmp_path, bad):
@@ -171,10 +199,15 @@ def test_eval_and_perplexity_commands(tiny_model, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["eval", "-m", tiny_model, "--tasks", "multikey", "--lengths", "600", "--depths", "0.5",
                  "--caches", "infllm", "--n-local", "64", "--block-size", "16", "--n-init", "16", "--topk", "2",
-                 "--rewind", "0", "--out", str(out)]) == 0
-    assert "| multikey | infllm |" in capsys.readouterr().out
+                 "--rewind", "0", "--scratch-dir", str(tmp_path), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "| multikey | infllm |" in said.out and "(shared prefixes)" in said.err
     rec = evals.read_records(out / "records.jsonl")
     assert len(rec) == 1 and '"n_local": 64' in rec[0].setup
+    assert main(["eval", "-m", tiny_model, "--tasks", "passkey", "--lengths", "300", "--depths", "0.5",
+                 "--caches", "full", "--no-shared-prefixes", "--out", str(out)]) == 0
+    said = capsys.readouterr().err
+    assert "1 prompts" in said and "(shared prefixes)" not in said
     txt = tmp_path / "t.txt"
     txt.write_text(" ".join(f"alpha{i % 31} beta{i % 7}" for i in range(2000)))
     assert main(["perplexity", "-m", tiny_model, "--text", str(txt), "--contexts", "512,768", "--target", "128",
