@@ -26,30 +26,51 @@ from _common import command, header, infllm_defaults, machine, now, write_markdo
 
 
 def ppl_runs(model: str, caches: list[str], contexts: list[int], target: int, threads: int, full_max: int,
-             infllm: pi.InfLLMConfig, out: Path) -> list[dict]:
+             infllm: pi.InfLLMConfig, out: Path, ends: list[int]) -> list[dict]:
     path = out / "ppl.jsonl"
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     name = Path(model).name
     text = None
-    end = max(contexts)   # the scored tokens end here in every context, so they are the same tokens
+    ends = ends or [max(contexts)]   # the scored tokens end there in every context: the same tokens
     for cache in caches:
         setup = "full" if cache == "full" else "infllm " + json.dumps(dataclasses.asdict(infllm), sort_keys=True)
         have = {(d["context"], d["target"], d["end"]) for d in done if d["model"] == name and d["setup"] == setup}
-        todo = [c for c in contexts if (cache != "full" or c <= full_max) and (c, target, end) not in have]
+        todo = [(c, e) for e in ends for c in contexts
+                if (cache != "full" or c <= full_max) and (c, target, e) not in have]
         if not todo:
             continue
         text = text or evals.kjv_text()
         kw = dict(kv="infllm", infllm=infllm) if cache == "infllm" else dict(kv="full", flash_attn=True)
-        with pi.Model(model, n_ctx=max(todo), n_threads=threads, **kw) as m:
+        with pi.Model(model, n_ctx=max(c for c, _ in todo), n_threads=threads, **kw) as m:
             tokens = m.tokenize(text, add_special=False, parse_special=False)
-            for c in todo:
-                p = evals.perplexity(m, tokens, [c], target=target, cache=cache, end=end)[0]
-                row = {"model": name, "setup": setup, "end": end, **dataclasses.asdict(p)}
+            for c, e in todo:
+                p = evals.perplexity(m, tokens, [c], target=target, cache=cache, end=e)[0]
+                row = {"model": name, "setup": setup, "end": e, **dataclasses.asdict(p)}
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 done.append(row)
-                print(f"{cache:>7} context {c:>7}: loss {p.nll:.4f} ({p.seconds:.0f} s)", file=sys.stderr, flush=True)
+                print(f"{cache:>7} context {c:>7} end {e:>8}: loss {p.nll:.4f} ({p.seconds:.0f} s)", file=sys.stderr,
+                      flush=True)
     return done
+
+
+def ppl_lines(ppl: list[dict]) -> list[str]:
+    """The loss table of a results file; with several ends, their mean per cache and context too."""
+    lines = ["## Loss of the same last tokens of the King James Bible given growing contexts", "",
+             "The scored tokens are the same in every row with the same end (the token index where they end).", "",
+             "| cache | context | scored tokens | end | loss (nats/token) | perplexity |", "|---|---:|---:|---:|---:|---:|"]
+    for p in sorted(ppl, key=lambda p: (p["setup"], p["end"], p["context"])):
+        lines.append(f"| {p['setup'].split()[0]} | {p['context']} | {p['target']} | {p['end']} | {p['nll']:.4f} | "
+                     f"{p['ppl']:.3f} |")
+    groups: dict[tuple, list[dict]] = {}
+    for p in ppl:
+        groups.setdefault((p["setup"].split()[0], p["context"], p["target"]), []).append(p)
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["", "Mean over the ends (each end's scored tokens weigh the same):", "",
+                  "| cache | context | ends | mean loss (nats/token) |", "|---|---:|---:|---:|"]
+        for (cache, c, _), g in sorted(groups.items()):
+            lines.append(f"| {cache} | {c} | {len(g)} | {sum(p['nll'] for p in g) / len(g):.4f} |")
+    return lines
 
 
 def infllm_config(spec: str) -> pi.InfLLMConfig:
@@ -74,6 +95,8 @@ def main() -> int:
     ap.add_argument("--caches", default="full,infllm")
     ap.add_argument("--ppl-contexts", default="", help="contexts for the loss on the long text ('' for none)")
     ap.add_argument("--target", type=int, default=1024)
+    ap.add_argument("--ppl-ends", default="",
+                    help="token indices where the scored tokens end, one window per end (default: the longest context)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--infllm", default="",
                     help="InfLLMConfig fields that differ from the defaults, e.g. n_local=1024,repr_keys=8")
@@ -90,35 +113,33 @@ def main() -> int:
     with open(args.out / "runs.jsonl", "a") as f:
         f.write(json.dumps(meta) + "\n")
 
-    summaries = []
     if args.lengths:
         summaries = evals.evaluate(model, caches=caches, tasks=args.tasks.split(","),
                                    lengths=[int(x) for x in args.lengths.split(",")],
                                    depths=[float(x) for x in args.depths.split(",")], trials=args.trials,
                                    out=args.out, infllm=infllm, threads=args.threads, progress=sys.stderr.isatty(),
                                    log=lambda s: print(s, file=sys.stderr))
-    ppl = []
+    else:   # the tables show everything in OUT, also what earlier runs wrote
+        summaries = evals.summarize(evals.read_records(args.out / "records.jsonl"))
     if args.ppl_contexts:
         ppl = ppl_runs(model, caches, [int(x) for x in args.ppl_contexts.split(",")], args.target, args.threads,
-                       full_max, infllm, args.out)
+                       full_max, infllm, args.out, [int(x) for x in args.ppl_ends.split(",") if x])
+    else:
+        path = args.out / "ppl.jsonl"
+        ppl = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
     runs = [json.loads(line) for line in (args.out / "runs.jsonl").read_text().splitlines() if line.strip()]
     lines = header("Long-context quality: retrieval tasks and loss on a long text", meta,
                    f"trained context {full_max}, greedy, {args.threads} threads; InfLLM "
                    f"{'defaults' if infllm == pi.InfLLMConfig() else 'settings'} ({infllm_defaults(infllm)}); "
                    "stock cache with flash attention, only up to the trained context") + [
-        f"- runs that wrote these results (commit, date): "
-        + "; ".join(f"{r['machine']['commit']} {r['date']}" for r in runs), ""]
+        "- runs that wrote these results (commit, date, command; each adds the trials it names that are "
+        "not there yet):"] + [f"  - {r['machine']['commit']} {r['date']}: `{r['command']}`" for r in runs] + [""]
     if summaries:
         lines += ["## Retrieval tasks (exact match; `pyllama_inf.evals`)", "",
-                  f"depths {args.depths}, {args.trials} trial(s) per depth", "", evals.markdown(summaries)]
+                  "correct / prompts over the depths and trials of the runs above", "", evals.markdown(summaries)]
     if ppl:
-        lines += ["## Loss of the same last tokens of the King James Bible given growing contexts", "",
-                  "The scored tokens are the same in every row with the same end (the token index where they end).", "",
-                  "| cache | context | scored tokens | end | loss (nats/token) | perplexity |", "|---|---:|---:|---:|---:|---:|"]
-        for p in sorted(ppl, key=lambda p: (p["setup"], p["context"])):
-            lines.append(f"| {p['setup'].split()[0]} | {p['context']} | {p['target']} | {p['end']} | {p['nll']:.4f} | "
-                         f"{p['ppl']:.3f} |")
+        lines += ppl_lines(ppl)
     return write_markdown(args.out, "quality", lines)
 
 
