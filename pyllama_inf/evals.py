@@ -468,8 +468,11 @@ def evaluate(model: str, *, caches: Sequence[str] = CACHES, tasks: Sequence[str]
                 built = [make_task(t, n, d, seed + k, count) for t, n, d, k in todo]
                 shared, n_prompt, n_new = None, 0, 0
                 if share_prefixes:
-                    shared = _SharedPrefixes(m, [b.prompt for b in built], grid=n_ubatch, scratch=tmp,
-                                             rewind=infllm.rewind if cache == "infllm" else None)
+                    # how far back the cache itself goes: the stock cache anywhere (its sliding-window
+                    # layers keep every cell, swa_full); InfLLM's ring about rewind tokens, its
+                    # window-size sliding-window cache next to nothing
+                    back = None if cache == "full" else 0 if info.sliding_window else infllm.rewind
+                    shared = _SharedPrefixes(m, [b.prompt for b in built], grid=n_ubatch, scratch=tmp, rewind=back)
                 for j in range(len(todo)):
                     i = shared.order[j] if shared else j
                     (t, n, d, k), task = todo[i], built[i]
