@@ -12,8 +12,11 @@ import time
 import pytest
 
 CHILD = textwrap.dedent("""
-    import json, sys, time
+    import json, signal, sys, time
     import pyllama_inf as pi
+    # Python leaves SIGINT ignored when it starts ignored (a job started with & by a shell
+    # without job control); a terminal's Ctrl-C reaches the default handler, so install it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     path, kv, phase = sys.argv[1], sys.argv[2], sys.argv[3]
     kw = dict(kv="infllm", infllm=pi.InfLLMConfig(block_size=64, n_init=64, n_local=512, topk=4)) \\
         if kv == "infllm" else {}
