@@ -25,10 +25,15 @@ from pyllama_inf.testing import gemma3_270m_path, smollm2_path
 from _common import command, header, infllm_defaults, machine, now, write_markdown
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file of this script (none when it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def ppl_runs(model: str, caches: list[str], contexts: list[int], target: int, threads: int, full_max: int,
              infllm: pi.InfLLMConfig, out: Path, ends: list[int]) -> list[dict]:
     path = out / "ppl.jsonl"
-    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    done = read_jsonl(path)
     name = Path(model).name
     text = None
     ends = ends or [max(contexts)]   # the scored tokens end there in every context: the same tokens
@@ -125,10 +130,9 @@ def main() -> int:
         ppl = ppl_runs(model, caches, [int(x) for x in args.ppl_contexts.split(",")], args.target, args.threads,
                        full_max, infllm, args.out, [int(x) for x in args.ppl_ends.split(",") if x])
     else:
-        path = args.out / "ppl.jsonl"
-        ppl = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        ppl = read_jsonl(args.out / "ppl.jsonl")
 
-    runs = [json.loads(line) for line in (args.out / "runs.jsonl").read_text().splitlines() if line.strip()]
+    runs = read_jsonl(args.out / "runs.jsonl")
     lines = header("Long-context quality: retrieval tasks and loss on a long text", meta,
                    f"trained context {full_max}, greedy, {args.threads} threads; InfLLM "
                    f"{'defaults' if infllm == pi.InfLLMConfig() else 'settings'} ({infllm_defaults(infllm)}); "

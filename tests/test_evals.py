@@ -167,6 +167,9 @@ def test_shared_prefixes_give_the_same_answers_with_less_evaluated(tiny_model, t
         assert counts[False][0] == prompt_tokens
     assert counts[True][0] < 0.75 * prompt_tokens
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("pyllama-inf-eval-")] == []
+    # the saved contexts go under scratch_dir: one that does not exist is an error, not ignored
+    with pytest.raises(FileNotFoundError):
+        evals.evaluate(tiny_model, out=tmp_path / "x", **dict(kw, scratch_dir=str(tmp_path / "missing")))
 
 
 @pytest.mark.parametrize("bad", [dict(caches=["paged"]), dict(tasks=["x"]), dict(depths=[2.0]), dict(trials=0),
