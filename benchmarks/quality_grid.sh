@@ -29,8 +29,8 @@ q --tasks $HARD --lengths 4096,8192 --depths $D3 --trials 1
 q --tasks $EASY --lengths 16384,32768 --depths $D3 --trials 2
 q --tasks $HARD --lengths 16384,32768 --depths 0.5 --trials 1
 q --lengths '' --ppl-contexts 4096,8192,16384,32768,65536
-q --tasks $EASY --lengths 65536 --depths $D3 --trials 1
-q --tasks $EASY --lengths 131072 --depths $D3 --trials 1
+# one call for both lengths: the filler before the first needle is shared across lengths too
+q --tasks $EASY --lengths 65536,131072 --depths $D3 --trials 1
 q --tasks $HARD --lengths 65536 --depths 0.5 --trials 1
 # 2. more prompts where the goals are judged (passkey to 128K; multikey at 8K against 32K)
 q --tasks $EASY --lengths 4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 --trials 2
