@@ -78,6 +78,51 @@ def ppl_lines(ppl: list[dict]) -> list[str]:
     return lines
 
 
+GOAL_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)   # issue 15: passkey >= 95% at each
+
+
+def goal_lines(summaries: list[evals.EvalSummary]) -> list[str]:
+    """The grid's goals checked on what has run: passkey >= 95% with the InfLLM cache at every
+    length to 128K; on each other task the InfLLM cache within 10 points of the stock cache at
+    8K, and no more than 10 points lower at 32K than at 8K. A goal whose cells have not run
+    says so."""
+    acc = {(s.model, s.task, s.cache, s.length): s for s in summaries}
+
+    def cell(model: str, task: str, cache: str, n: int) -> str:
+        s = acc.get((model, task, cache, n))
+        return f"{s.accuracy:.0%} ({s.correct}/{s.trials})" if s else "not run"
+
+    def points(model: str, task: str, cache: str, n: int) -> float | None:
+        s = acc.get((model, task, cache, n))
+        return 100 * s.accuracy if s else None
+
+    def verdict(ok: bool | None) -> str:
+        return "not run yet" if ok is None else ("met" if ok else "**not met**")
+
+    lines = ["## Goals", "",
+             "Checked on the cells above (one prompt is 100/n points of a cell of n prompts).", "",
+             "| model | goal | measured | |", "|---|---|---|---|"]
+    for model in sorted({s.model for s in summaries}):
+        for n in GOAL_LENGTHS:
+            p = points(model, "passkey", "infllm", n)
+            lines.append(f"| {model} | passkey >= 95% at {n} (InfLLM) | {cell(model, 'passkey', 'infllm', n)} | "
+                         f"{verdict(None if p is None else p >= 95)} |")
+        for task in [t for t in evals.TASKS if t != "passkey" and any(s.model == model and s.task == t
+                                                                      for s in summaries)]:
+            full8, inf8, inf32 = (points(model, task, c, n) for c, n in
+                                  (("full", 8192), ("infllm", 8192), ("infllm", 32768)))
+            gap = None if full8 is None or inf8 is None else full8 - inf8 <= 10
+            note = " (the model fails it with full attention: no signal)" if full8 == 0 else ""
+            lines.append(f"| {model} | {task}: InfLLM within 10 points of stock at 8192 | stock "
+                         f"{cell(model, task, 'full', 8192)}, InfLLM {cell(model, task, 'infllm', 8192)}{note} | "
+                         f"{verdict(gap)} |")
+            drop = None if inf8 is None or inf32 is None else inf8 - inf32 <= 10
+            lines.append(f"| {model} | {task}: InfLLM at 32768 no more than 10 points below 8192 | "
+                         f"{cell(model, task, 'infllm', 32768)} vs {cell(model, task, 'infllm', 8192)} | "
+                         f"{verdict(drop)} |")
+    return lines + [""]
+
+
 def infllm_config(spec: str) -> pi.InfLLMConfig:
     """An InfLLMConfig from "field=value,..." (values are ints, or text for positions)."""
     kw = {}
@@ -137,11 +182,13 @@ def main() -> int:
                    f"trained context {full_max}, greedy, {args.threads} threads; InfLLM "
                    f"{'defaults' if infllm == pi.InfLLMConfig() else 'settings'} ({infllm_defaults(infllm)}); "
                    "stock cache with flash attention, only up to the trained context") + [
-        "- runs that wrote these results (commit, date, command; each adds the trials it names that are "
-        "not there yet):"] + [f"  - {r['machine']['commit']} {r['date']}: `{r['command']}`" for r in runs] + [""]
+        "- runs that wrote these results (commit, date, CPU, command; each adds the trials it names that are "
+        "not there yet):"] + [f"  - {r['machine']['commit']} {r['date']}, {r['machine']['cpu']}: `{r['command']}`"
+                               for r in runs] + [""]
     if summaries:
         lines += ["## Retrieval tasks (exact match; `pyllama_inf.evals`)", "",
                   "correct / prompts over the depths and trials of the runs above", "", evals.markdown(summaries)]
+        lines += goal_lines(summaries)
     if ppl:
         lines += ppl_lines(ppl)
     return write_markdown(args.out, "quality", lines)

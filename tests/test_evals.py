@@ -231,3 +231,33 @@ def test_kjv_text_when_installed():
         pytest.skip("Debian's bible-kjv is not installed")
     assert text.startswith("In the beginning God created the heaven and the earth.")
     assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+
+
+def test_quality_goal_verdicts():
+    """benchmarks/quality.py's goal table: each verdict follows from the counts by arithmetic
+    (19/20 = 95% meets the passkey goal, 18/20 does not; 6/6 stock vs 5/6 InfLLM is a 16.7-point
+    gap, over 10; 4/6 at 8K vs 3/6 at 32K is 16.7 points lower)."""
+    import importlib
+    import sys
+    from pathlib import Path
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        quality = importlib.import_module("quality")
+    finally:
+        sys.path.remove(bench)
+    S = evals.EvalSummary
+    rows = {line.split(" | ")[1]: line for line in quality.goal_lines([
+        S("m", "infllm", "passkey", 4096, 19, 20), S("m", "infllm", "passkey", 8192, 18, 20),
+        S("m", "full", "multikey", 8192, 6, 6), S("m", "infllm", "multikey", 8192, 5, 6),
+        S("m", "infllm", "multikey", 32768, 5, 6),
+        S("m", "full", "kv", 8192, 4, 6), S("m", "infllm", "kv", 8192, 4, 6),
+        S("m", "infllm", "kv", 32768, 3, 6)]) if line.startswith("| m |")}
+    assert rows["passkey >= 95% at 4096 (InfLLM)"].endswith("| met |")
+    assert rows["passkey >= 95% at 8192 (InfLLM)"].endswith("| **not met** |")
+    assert rows["passkey >= 95% at 16384 (InfLLM)"].endswith("| not run yet |")
+    assert rows["multikey: InfLLM within 10 points of stock at 8192"].endswith("| **not met** |")
+    assert rows["multikey: InfLLM at 32768 no more than 10 points below 8192"].endswith("| met |")
+    assert rows["kv: InfLLM within 10 points of stock at 8192"].endswith("| met |")
+    assert rows["kv: InfLLM at 32768 no more than 10 points below 8192"].endswith("| **not met** |")
+    assert not any(k.startswith("vartrack") for k in rows)
