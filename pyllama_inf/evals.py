@@ -4,7 +4,7 @@ Retrieval tasks are built locally from a seed (nothing is downloaded); lengths a
 the model's tokens, and the same seed gives the same prompt to every cache, so caches are
 compared on identical prompts. Every task hides its facts at fractions of the prompt
 ("depths") in a filler text and asks for them at the end, in completion style (no chat
-template), and is scored by exact match:
+template), and is scored by exact match (every asked value right):
 
 ``passkey``     one 5-digit key in filler; the first number of the answer must be the key.
 ``multikey``    four "special magic numbers", each for another word; one word is asked and
@@ -14,6 +14,10 @@ template), and is scored by exact match:
                 haystack); the answer must begin with the asked key's value.
 ``vartrack``    a chain of variable assignments (``VAR A = 12345. VAR B = VAR A. ...``) in
                 filler; the answer must name every variable of the chain.
+
+The two tasks with several answers (multivalue, vartrack) also get a recall: the share of the
+asked values the answer names (RULER's ``string_match_all``), which still separates caches
+where a small model rarely names all four; for the others recall equals exact match.
 
 The asked fact sits at ``depth`` (0 = start of the haystack, 1 = its end); the others at
 seeded random depths. :func:`evaluate` runs a grid of cache x task x length x depth x trial,
@@ -47,6 +51,7 @@ from . import passkey
 
 TASKS = ("passkey", "multikey", "multivalue", "kv", "vartrack")
 CACHES = ("full", "infllm")
+MULTI_ANSWER = ("multivalue", "vartrack")   # the tasks whose recall differs from exact match
 
 FILLER = passkey.FILLER
 _NUMBER = re.compile(r"\d+")
@@ -187,18 +192,33 @@ def make_task(name: str, n_tokens: int, depth: float, seed: int, count_tokens: C
     return Task(name, prompt, (pool[0][1],), got, depth, seed, max_tokens=32)
 
 
+def _n_found(name: str, answers: Sequence[str], text: str) -> int:
+    """How many of ``answers`` the answer ``text`` gives, as task ``name`` scores it."""
+    if name in ("passkey", "multikey"):
+        m = _NUMBER.search(text)
+        return int(m is not None and m.group(0) == answers[0])
+    if name == "multivalue":
+        found = set(_NUMBER.findall(text))
+        return sum(a in found for a in answers)
+    if name == "vartrack":
+        found = set(re.findall(r"[A-Z]{5}", text))
+        return sum(a in found for a in answers)
+    return int(text.strip().startswith(answers[0]))
+
+
 def is_correct(task: Task, text: str) -> bool:
     """Exact-match scoring of ``text`` (the model's answer) for ``task`` (see the module doc)."""
-    if task.name in ("passkey", "multikey"):
-        m = _NUMBER.search(text)
-        return m is not None and m.group(0) == task.answers[0]
-    if task.name == "multivalue":
-        found = set(_NUMBER.findall(text))
-        return all(a in found for a in task.answers)
-    if task.name == "vartrack":
-        found = set(re.findall(r"[A-Z]{5}", text))
-        return all(a in found for a in task.answers)
-    return text.strip().startswith(task.answers[0])
+    return _n_found(task.name, task.answers, text) == len(task.answers)
+
+
+def recall(task: str, answers: Sequence[str], text: str) -> float:
+    """The share of ``answers`` that ``text`` gives for task ``task`` (1.0 or 0.0 for the
+    tasks with one answer; see the module doc)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if not answers:
+        raise ValueError("recall needs at least one answer")
+    return _n_found(task, answers, text) / len(answers)
 
 
 # -- the grid --------------------------------------------------------------------------------
@@ -227,7 +247,8 @@ class EvalRecord:
 
 @dataclass
 class EvalSummary:
-    """Accuracy of one model x cache x task x length over its trials."""
+    """Accuracy of one model x cache x task x length over its trials; ``recalled`` is the sum
+    of the trials' recalls (the share of the asked values named; ``correct`` when not given)."""
 
     model: str
     cache: str
@@ -235,10 +256,15 @@ class EvalSummary:
     length: int
     correct: int
     trials: int
+    recalled: Optional[float] = None
     accuracy: float = field(init=False)
+    recall: float = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.recalled is None:
+            self.recalled = float(self.correct)
         self.accuracy = self.correct / self.trials if self.trials else float("nan")
+        self.recall = self.recalled / self.trials if self.trials else float("nan")
 
 
 def _setup_of(cache: str, infllm) -> str:
@@ -284,17 +310,20 @@ def read_records(path: Union[str, Path]) -> List[EvalRecord]:
 
 
 def summarize(records: Iterable[EvalRecord]) -> List[EvalSummary]:
-    """Accuracy per model x cache x task x length."""
-    acc: Dict[Tuple, List[int]] = {}
+    """Accuracy and recall per model x cache x task x length (recall is scored again from each
+    record's output, so records written before it existed get one too)."""
+    acc: Dict[Tuple, List[float]] = {}
     for r in records:
-        c = acc.setdefault((r.model, r.cache, r.task, r.length), [0, 0])
+        c = acc.setdefault((r.model, r.cache, r.task, r.length), [0, 0, 0.0])
         c[0] += bool(r.correct)
         c[1] += 1
-    return [EvalSummary(m, c, t, n, ok, tot) for (m, c, t, n), (ok, tot) in sorted(acc.items())]
+        c[2] += recall(r.task, r.answers, r.output)
+    return [EvalSummary(m, c, t, n, int(ok), int(tot), rec) for (m, c, t, n), (ok, tot, rec) in sorted(acc.items())]
 
 
 def markdown(summaries: Sequence[EvalSummary]) -> str:
-    """Accuracy as a table: one row per model x task x cache, one column per length."""
+    """Accuracy as a table: one row per model x task x cache, one column per length; the
+    tasks with several answers also show their recall."""
     lengths = sorted({s.length for s in summaries})
     rows: Dict[Tuple[str, str, str], Dict[int, EvalSummary]] = {}
     for s in summaries:
@@ -302,15 +331,17 @@ def markdown(summaries: Sequence[EvalSummary]) -> str:
     lines = ["| model | task | cache | " + " | ".join(str(n) for n in lengths) + " |",
              "|---|---|---|" + "---:|" * len(lengths)]
     for (m, t, c), by_len in sorted(rows.items(), key=lambda x: (x[0][0], TASKS.index(x[0][1]), x[0][2])):
-        cells = [f"{by_len[n].accuracy:.0%} ({by_len[n].correct}/{by_len[n].trials})" if n in by_len else "—"
+        cells = [f"{by_len[n].accuracy:.0%} ({by_len[n].correct}/{by_len[n].trials})"
+                 + (f", recall {by_len[n].recall:.0%}" if t in MULTI_ANSWER else "") if n in by_len else "—"
                  for n in lengths]
         lines.append(f"| {m} | {t} | {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summaries: Sequence[EvalSummary], path: Union[str, Path]) -> Optional[Path]:
-    """Accuracy against length, one panel per task, one line per model x cache. Returns the
-    PNG's path, or None when matplotlib is not installed."""
+    """Accuracy against length, one panel per task, one line per model x cache (and a dashed
+    one for the recall of the tasks with several answers). Returns the PNG's path, or None
+    when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -323,8 +354,12 @@ def plot(summaries: Sequence[EvalSummary], path: Union[str, Path]) -> Optional[P
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.4), squeeze=False, sharey=True)
     for ax, t in zip(axes[0], tasks):
         for series in sorted({(s.model, s.cache) for s in summaries if s.task == t}):
-            pts = sorted((s.length, s.accuracy) for s in summaries if s.task == t and (s.model, s.cache) == series)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{series[0]} / {series[1]}")
+            pts = sorted((s.length, s.accuracy, s.recall) for s in summaries
+                         if s.task == t and (s.model, s.cache) == series)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{series[0]} / {series[1]}")
+            if t in MULTI_ANSWER:
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", linestyle="--", color=line.get_color(),
+                        label=f"{series[0]} / {series[1]} recall")
         ax.set_xscale("log", base=2)
         ax.set_title(t)
         ax.set_xlabel("prompt tokens")
