@@ -36,4 +36,7 @@ q --tasks $HARD --lengths 65536 --depths 0.5 --trials 1
 q --tasks $EASY --lengths 4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 --trials 2
 q --tasks $EASY --lengths 16384,32768 --depths 0.1,0.3,0.5,0.7,0.9 --trials 2
 q --tasks $EASY --lengths 65536,131072 --depths 0.1,0.3,0.5,0.7,0.9 --trials 1
+# 3. more prompts for the two tasks whose recall separates the caches in the window (the
+#    share of the four values named; SmolLM2 names some but seldom all), where the goals are judged
+q --tasks multivalue,vartrack --lengths 8192,32768 --depths 0.1,0.3,0.5,0.7,0.9 --trials 2
 echo "quality grid: done ($OUT/quality.md)"
