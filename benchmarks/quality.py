@@ -163,8 +163,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command(), "model": Path(model).name, "machine": machine(), "date": now(),
             "upstream_commit": pi.UPSTREAM_COMMIT}
-    with open(args.out / "runs.jsonl", "a") as f:
-        f.write(json.dumps(meta) + "\n")
+    if args.lengths or args.ppl_contexts:   # a run that only rewrites the tables is not one of them
+        with open(args.out / "runs.jsonl", "a") as f:
+            f.write(json.dumps(meta) + "\n")
 
     if args.lengths:
         summaries = evals.evaluate(model, caches=caches, tasks=args.tasks.split(","),
@@ -174,6 +175,8 @@ def main() -> int:
                                    log=lambda s: print(s, file=sys.stderr))
     else:   # the tables show everything in OUT, also what earlier runs wrote
         summaries = evals.summarize(evals.read_records(args.out / "records.jsonl"))
+        if summaries:
+            evals.write_outputs(summaries, args.out, meta={k: meta[k] for k in ("command", "model")})
     if args.ppl_contexts:
         ppl = ppl_runs(model, caches, [int(x) for x in args.ppl_contexts.split(",")], args.target, args.threads,
                        full_max, infllm, args.out, [int(x) for x in args.ppl_ends.split(",") if x])

@@ -366,8 +366,14 @@ def plot(summaries: Sequence[EvalSummary], path: Union[str, Path]) -> Optional[P
         ax.set_ylim(-0.05, 1.05)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    legend: Dict[str, object] = {}   # one legend under the panels, each series once
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    rows = math.ceil(len(legend) / 4)
+    fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=min(4, len(legend)), fontsize=7)
+    fig.set_figheight(3.4 + 0.22 * rows)
+    fig.tight_layout(rect=(0, 0.22 * rows / (3.4 + 0.22 * rows) + 0.02, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
