@@ -11,14 +11,15 @@
 # results/quality-gemma3 (Gemma 3 270M): records.jsonl, ppl.jsonl, quality.md, eval.png.
 #   nohup bash benchmarks/quality_grid.sh > quality_grid.log 2>&1 &
 # Environment: PYTHON (default ../.venv/bin/python), MODELS (default "smollm2 gemma3"), STEPS
-# (default "1 2 3 4"), NICE.
+# (default "1 2 3 4"), CACHES (default full,infllm; "full" runs only the stock reference), NICE.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-../.venv/bin/python}
 MODELS=${MODELS:-smollm2 gemma3}
 STEPS=${STEPS:-1 2 3 4}
 out_dir() { if [ "$1" = smollm2 ]; then echo results/quality; else echo "results/quality-$1"; fi; }
-q() { nice -n "${NICE:-0}" "$PY" quality.py --model "$model" --out "$(out_dir "$model")" "$@"; }
+CACHES=${CACHES:-full,infllm}
+q() { nice -n "${NICE:-0}" "$PY" quality.py --model "$model" --out "$(out_dir "$model")" --caches "$CACHES" "$@"; }
 
 # SmolLM2 answers passkey and multikey in its window; multivalue, kv and vartrack it does not
 # (0 with the stock cache at 4K), so past 8K those get one depth, enough to show that.
