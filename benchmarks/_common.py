@@ -55,7 +55,7 @@ def infllm_defaults(c: pi.InfLLMConfig | None = None) -> str:
     """An InfLLMConfig (the default one unless given) in words, as the results files name it."""
     c = c or pi.InfLLMConfig()
     return (f"block {c.block_size}, n_init {c.n_init}, n_local {c.n_local}, topk {c.topk}, rewind {c.rewind}, "
-            f"repr_keys {c.repr_keys}")
+            f"repr_keys {c.repr_keys}, positions {c.positions}")
 
 
 def header(title: str, meta: dict, about: str, machine_note: str = "") -> list[str]:

@@ -12,7 +12,7 @@ repeat evaluates that chunk again and decodes after it. One 128-token decode las
 seconds, and on a shared two-core machine single runs were seen to vary by 15%.
 The stock cache runs with flash attention on and off (ratios against the faster of the two)
 up to --stock-max-depth; the InfLLM cache uses the default InfLLMConfig (block 128, n_init
-128, n_local 4096, topk 16) at every depth, and its counters (hand-overs, transfers, host
+128, n_local 4096, topk 16; --positions changes its positions) at every depth, and its counters (hand-overs, transfers, host
 work per decoded token) are recorded. --n-gpu-layers puts the layers (and both caches) on a
 GPU. Writes infllm_speed.json and infllm_speed.md to --out.
 """
@@ -92,8 +92,12 @@ def main() -> int:
                     help="run the stock cache only up to this depth (default: every depth)")
     ap.add_argument("--reps", type=int, default=3, help="measurements per cache and depth (median; default 3)")
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    ap.add_argument("--positions", choices=pi.POSITIONS, default=None,
+                    help="InfLLMConfig.positions of the InfLLM cache (default: the default)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    cfg = pi.InfLLMConfig() if args.positions is None else pi.InfLLMConfig(positions=args.positions)
+    CACHES["infllm"] = dict(kv="infllm", infllm=cfg)
     ran_on = machine()   # the commit the measured build comes from: read before the long run
     model = args.model or str(smollm2_path())
     depths = [int(d) for d in args.depths.split(",")]
@@ -121,7 +125,7 @@ def main() -> int:
         rows.append(row)
     meta = {"command": command(), "model": Path(model).name, "threads": args.threads, "n_gen": args.n_gen,
             "n_gpu_layers": args.n_gpu_layers, "gpu_devices": pi.gpu_devices(),
-            "infllm_config": dataclasses.asdict(pi.InfLLMConfig()),
+            "infllm_config": dataclasses.asdict(cfg),
             "machine": ran_on, "upstream_commit": pi.UPSTREAM_COMMIT, "date": now(), "raw": res}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "infllm_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -130,7 +134,8 @@ def main() -> int:
            [f"decode {names.get(c, c)}" for c in stock] + ["decode infllm", "ratio"]
     lines = header(
         "InfLLM cache vs stock cache: prefill and decode speed", meta,
-        f"threads: {args.threads}, InfLLM defaults ({infllm_defaults()}, no kv_budget); "
+        f"threads: {args.threads}, InfLLM {'defaults' if cfg == pi.InfLLMConfig() else 'settings'} "
+        f"({infllm_defaults(cfg)}, no kv_budget); "
         f"stock cache: {', '.join(names.get(c, c) for c in stock) or 'not run'}",
         f"; layers on {', '.join(d for _, d in meta['gpu_devices'])}" if args.n_gpu_layers else "") + [
         "",

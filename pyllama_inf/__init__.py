@@ -9,7 +9,7 @@ Quick start::
 
 from . import _core, _log
 from ._model import CACHE_TYPES, GenerationResult, InfLLMStats, KVStats, Model, TextStream, Timings
-from .config import InfLLMConfig, parse_bytes
+from .config import POSITIONS, InfLLMConfig, parse_bytes
 from .errors import (ContextFullError, DecodeError, ModelClosedError, ModelLoadError, PyllamaError,
                      StateError, UnsupportedError)
 from .gguf_info import ModelInfo, inspect
@@ -29,5 +29,5 @@ _log.install()
 __all__ = [
     "Model", "GenerationResult", "KVStats", "InfLLMStats", "TextStream", "Timings", "InfLLMConfig", "parse_bytes",
     "inspect", "ModelInfo", "PyllamaError", "ModelLoadError", "ContextFullError", "DecodeError",
-    "ModelClosedError", "StateError", "UnsupportedError", "UPSTREAM_COMMIT", "gpu_devices", "CACHE_TYPES",
+    "ModelClosedError", "StateError", "UnsupportedError", "UPSTREAM_COMMIT", "gpu_devices", "CACHE_TYPES", "POSITIONS",
 ]

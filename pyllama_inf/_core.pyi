@@ -40,6 +40,7 @@ class SessionParams:
     rewind: int
     repr_keys: int
     absolute: bool
+    true_below: int
     budget_bytes: int
     cache_blocks: int
     host_budget: int

@@ -255,7 +255,8 @@ def _warn_past_training(cfg: InfLLMConfig, n_ctx: int, n_ubatch: int, n_ctx_trai
 
     With positions="infllm" a query sees keys at most n_local + block_size + n_ubatch
     positions away (the window, the block being filled, the chunk); with "absolute" it
-    sees the true distances, up to n_ctx.
+    sees the true distances, up to n_ctx; with "auto" the true distances while they are
+    trained ones, then as "infllm".
     """
     if n_ctx_train <= 0:
         return
@@ -412,6 +413,10 @@ class Model:
         self.host_budget = host
         self.path = path
         info = check_gguf(path)
+        if kv == "infllm":
+            # "auto": memory at true positions while every distance a query sees is one the model
+            # was trained on (the whole ubatch below n_ctx_train), at InfLLM's position beyond
+            params.true_below = min(max(info.n_ctx_train, 0), 2**32 - 1) if infllm.positions == "auto" else 0
         # a quantized type packs 32 values per block: each head's row must hold whole blocks
         # (llama.cpp would abort on a view of part of a block)
         _row_bytes(params.type_k, info.head_dim, "type_k")

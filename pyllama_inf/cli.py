@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 from ._model import CACHE_TYPES, Model
-from .config import InfLLMConfig
+from .config import POSITIONS, InfLLMConfig
 from .errors import PyllamaError
 from .gguf_info import inspect
 
@@ -29,8 +29,9 @@ def _add_infllm_args(g) -> None:
                    help=f"ring cells kept to take back the end of the context (default {d.rewind})")
     g.add_argument("--repr-keys", type=int, default=None,
                    help=f"score a block by its r most-attended keys, 0: by all its keys (default {d.repr_keys})")
-    g.add_argument("--positions", choices=("infllm", "absolute"), default=None,
-                   help=f"memory at one fixed distance (infllm) or at true positions (default {d.positions})")
+    g.add_argument("--positions", choices=POSITIONS, default=None,
+                   help="memory at one fixed distance (infllm), at true positions (absolute), or at true "
+                        f"positions inside the model's trained context and infllm past it (auto; default {d.positions})")
 
 
 _INFLLM_FLAGS = ("block_size", "n_init", "n_local", "topk", "rewind", "repr_keys", "positions")

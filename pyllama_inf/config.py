@@ -38,6 +38,7 @@ def parse_bytes(value: Union[int, str, None], *, name: str = "size") -> Optional
 
 
 _MAX_FIELD = 1 << 30   # tokens or blocks; far beyond any context llama.cpp can hold
+POSITIONS = ("infllm", "absolute", "auto")   # InfLLMConfig.positions
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,10 @@ class InfLLMConfig:
         few salient tokens are not averaged away by the block's filler.
     positions: ``"infllm"`` puts memory tokens at one fixed distance (``n_local``) from the
         query, which lets a model run past its trained context; ``"absolute"`` keeps true
-        positions.
+        positions; ``"auto"`` keeps true positions for queries inside the model's trained
+        context (every distance they see is a trained one) and puts memory at InfLLM's
+        distance for queries past it. Decode steps at true positions take the general
+        attention path (the CPU's one-query kernel needs one rotation for all memory keys).
     cache_blocks: device block slots per layer when the model has no ``kv_budget``: None
         keeps every block on the device (resident); a smaller number (at least ``topk``)
         keeps that many there and the rest in a host store, fetched when picked (offload).
@@ -74,7 +78,7 @@ class InfLLMConfig:
     topk: int = 16
     rewind: int = 1024
     repr_keys: int = 0
-    positions: str = "infllm"
+    positions: str = "auto"
     cache_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -101,5 +105,6 @@ class InfLLMConfig:
                 raise TypeError(f"InfLLMConfig.cache_blocks must be an int or None, not {type(self.cache_blocks).__name__}")
             if not 0 <= self.cache_blocks < _MAX_FIELD:
                 raise ValueError(f"InfLLMConfig.cache_blocks must be in [0, {_MAX_FIELD}), got {self.cache_blocks}")
-        if self.positions not in ("infllm", "absolute"):
-            raise ValueError(f"InfLLMConfig.positions must be 'infllm' or 'absolute', got {self.positions!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"InfLLMConfig.positions must be one of {', '.join(map(repr, POSITIONS))}, "
+                             f"got {self.positions!r}")

@@ -7,17 +7,20 @@ attention, the kernel the InfLLM cache uses) and with two InfLLM configurations:
 
 - window: n_local=1024 covers the whole context, no block ever leaves the window;
 - absolute: a window of 16 + 64 tokens, the rest in 16-token memory blocks, topk=64
-  selecting every block, at true positions.
+  selecting every block, at true positions;
+- auto: the same with positions="auto" (the default): 400 tokens are inside every family's
+  trained context, so the memory keys, stored at position 0, are rotated on to their true
+  positions in every ubatch.
 
-Both give the stock cache's answer in exact arithmetic. For each configuration the
+All three give the stock cache's answer in exact arithmetic. For each configuration the
 outcome must be top-1 agreement >= 0.99 with the stock logits and an NMSE within MAX_NMSE
 (all finite), or, for the
 families listed in REFUSED, a ``pyllama_inf.UnsupportedError`` naming the reason, raised
 when the model is constructed. Anything else (a crash, another exception, an unexpected
 refusal, lower agreement, non-finite logits) fails.
 
-The default positions="infllm" re-rotates memory keys to the memory position and so has
-no stock reference, except for models without RoPE (NO_ROPE), where it must match too.
+positions="infllm" re-rotates memory keys to the memory position and so has no stock
+reference, except for models without RoPE (NO_ROPE), where it must match too.
 """
 
 import json
@@ -35,8 +38,8 @@ MIN_TOP1 = 0.99
 # soft-cap left out moves its logits by an NMSE of 1e-2 with every top-1 token kept). Window
 # covering differs from stock only in the order of the rows; the other two re-rotate or
 # gather the keys in f16 (largest seen: 3e-7)
-MAX_NMSE = {"window": 1e-6, "absolute": 1e-5, "infllm": 1e-5}
-# families none of whose layers use RoPE: there the default positions="infllm" has the stock
+MAX_NMSE = {"window": 1e-6, "absolute": 1e-5, "auto": 1e-5, "infllm": 1e-5}
+# families none of whose layers use RoPE: there positions="infllm" has the stock
 # answer too, which checks that the cache does not rotate keys the model never rotated
 NO_ROPE = {"granite-norope", "starcoder"}
 CHILD_TIMEOUT_S = 120
@@ -54,10 +57,11 @@ ids = [2 + (i * 7 + i // 13) % 250 for i in range(400)]
 CONFIGS = {
     "window": pi.InfLLMConfig(n_local=1024, n_init=16, block_size=16, topk=4),
     "absolute": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="absolute"),
+    "auto": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="auto"),
 }
 if sys.argv[2] == "norope":
-    # without RoPE the memory position changes nothing: the default positions must match too
-    CONFIGS["infllm"] = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64)
+    # without RoPE the memory position changes nothing: positions="infllm" must match too
+    CONFIGS["infllm"] = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="infllm")
 
 def model(**kw):
     # swa_full=False: the SWA cache size the InfLLM cache uses by default, for both (no effect
@@ -152,11 +156,11 @@ def test_infllm_matches_stock_or_refuses(family, family_files, capsys):
 
     with capsys.disabled():
         print(f"\n[{family}] stock finite={res['stock_finite']}; " +
-              "; ".join(f"{name}: {_describe(res[name])}" for name in ("window", "absolute", "infllm") if name in res))
+              "; ".join(f"{name}: {_describe(res[name])}" for name in ("window", "absolute", "auto", "infllm") if name in res))
 
     assert res["stock_finite"], f"{family}: stock logits are not finite"
     problems = []
-    for name in ("window", "absolute", "infllm"):
+    for name in ("window", "absolute", "auto", "infllm"):
         if name not in res:
             continue
         r = res[name]
@@ -174,7 +178,7 @@ def test_infllm_matches_stock_or_refuses(family, family_files, capsys):
 @pytest.mark.parametrize("family", ["llama-rope-freqs", "phi3"])
 def test_frequency_factors_reposition_like_linear_scaling(family, tmp_path):
     """Frequency factors all equal to c rotate exactly like linear scaling by c (angle
-    p * base^(-2i/d) / c either way). So with the default positions="infllm", where memory
+    p * base^(-2i/d) / c either way). So with positions="infllm", where memory
     keys are rotated back to 0 and on to the memory position, a model with factors c and
     the same model with factors 1 and ``rope.scaling.type = linear``, factor c, must give the
     same logits: re-positioning that dropped or misapplied the factors would not."""
@@ -190,7 +194,7 @@ def test_frequency_factors_reposition_like_linear_scaling(family, tmp_path):
                                  extra_kv={f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": c})
     plain = write_random_family(tmp_path / "plain.gguf", family, rope_factors=np.ones(n, np.float32))
     ids = tiny_ids(400)
-    cfg = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=4)
+    cfg = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=4, positions="infllm")
 
     def logits(path, **kw):
         with pi.Model(str(path), n_ctx=1024, n_threads=1, n_ubatch=64, flash_attn=True, **kw) as m:

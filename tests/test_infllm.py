@@ -60,6 +60,44 @@ def test_blocks_covering_context_with_absolute_positions_equal_stock(smollm2, lo
     assert stats.infllm.n_blocks > 10 and stats.infllm.selections > 0
 
 
+def test_auto_positions_inside_the_trained_context_are_true_positions(smollm2, long_text, full_logits):
+    # 1.5K tokens, all inside SmolLM2's 8192: "auto" attends memory at true positions, like
+    # "absolute" (whose keys never leave their positions) and unlike "infllm"
+    small = dict(n_local=256, n_init=64, block_size=64, topk=64)
+    auto, stats = teacher_forced(smollm2, long_text, 2048, kv="infllm", infllm=pi.InfLLMConfig(**small, positions="auto"))
+    absolute, _ = teacher_forced(smollm2, long_text, 2048, kv="infllm",
+                                 infllm=pi.InfLLMConfig(**small, positions="absolute"))
+    fixed, _ = teacher_forced(smollm2, long_text, 2048, kv="infllm", infllm=pi.InfLLMConfig(**small, positions="infllm"))
+    top1, nmse = agreement(full_logits, auto)
+    nmse_absolute, nmse_fixed = agreement(full_logits, absolute)[1], agreement(full_logits, fixed)[1]
+    # (measured: 4.6e-4, absolute 5.1e-4, infllm 1.0e-2)
+    assert top1 >= 0.99 and nmse <= 1.5 * nmse_absolute and nmse < nmse_fixed / 10, (top1, nmse, nmse_absolute, nmse_fixed)
+    assert stats.infllm.n_blocks > 10 and stats.infllm.selections > 0
+
+
+def test_auto_positions_past_the_trained_context_are_infllm_positions(tmp_path):
+    # a model trained on 256 tokens: every ubatch that has memory (positions 320 on, window
+    # 256 + sinks 64) is past it, so "auto" is "infllm" to the bit; trained on 768 the first
+    # memory ubatches are at true positions, the later ones not: neither of the two
+    from pyllama_inf.testing import write_random_llama
+    text = "the quick brown fox jumps over the lazy dog " * 25   # 878 tokens
+    small = dict(n_local=256, n_init=64, block_size=64, topk=64)
+    for n_ctx_train in (256, 768):
+        path = str(write_random_llama(tmp_path / f"t{n_ctx_train}.gguf", seed=1, n_ctx_train=n_ctx_train))
+        with pytest.warns(RuntimeWarning, match="trained context"):   # absolute: n_ctx 1024 is past both
+            run = {pos: teacher_forced(path, text, 1024, n_ubatch=64, kv="infllm",
+                                       infllm=pi.InfLLMConfig(**small, positions=pos))[0]
+                   for pos in ("auto", "infllm", "absolute")}
+        assert run["auto"].shape[0] > 768
+        if n_ctx_train == 256:
+            assert (run["auto"] == run["infllm"]).all()
+        else:
+            assert not (run["auto"] == run["infllm"]).all() and not (run["auto"] == run["absolute"]).all()
+            # the first ubatches with memory (positions 320-767) see true positions
+            n = 768
+            assert agreement(run["absolute"][:n], run["auto"][:n])[1] < agreement(run["infllm"][:n], run["auto"][:n])[1] / 10
+
+
 def test_fixed_distance_memory_changes_logits_but_keeps_predictions(smollm2, long_text, full_logits):
     cfg = pi.InfLLMConfig(n_local=256, n_init=64, block_size=64, topk=64, positions="infllm")
     lg, _ = teacher_forced(smollm2, long_text, 2048, kv="infllm", infllm=cfg)

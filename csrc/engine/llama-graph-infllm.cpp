@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <numeric>
 #include <string>
 
 //
@@ -25,6 +26,7 @@ struct infllm_shape_t {
     bool     memory   = false;   // the window start is past 0: sinks and blocks are memory
     uint32_t n_ev     = 0;       // blocks that leave the window in this ubatch
     bool     ev_sinks = false;   // the sinks leave the window in this ubatch
+    bool     true_pos = false;   // memory keys at their true positions (a ubatch inside params.true_below)
 
     infllm_shape_t() = default;
     infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const llama_ubatch & ubatch);
@@ -44,6 +46,8 @@ public:
     ggml_tensor * kq_mask   = nullptr; // F16 [n_att, n_tokens] rows: selected blocks, sinks, ring cells, padding
     ggml_tensor * sel_pos   = nullptr; // I32 [1]              -(memory position): rotates a query to see memory
     ggml_tensor * mem_pos   = nullptr; // I32 [max(n_sel*bs, n_init)] the memory position (key rotation)
+    ggml_tensor * blk_tpos  = nullptr; // I32 [bs, n_blocks]   true positions of every block's rows (true_pos)
+    ggml_tensor * sink_tpos = nullptr; // I32 [n_init]         true positions of the sinks (true_pos)
     ggml_tensor * blk_bias  = nullptr; // F32 [1, n_blocks]    0 for memory blocks, -inf otherwise
     ggml_tensor * ev_cells  = nullptr; // I32 [n_ev*bs]        ring rows of the blocks leaving the window
     ggml_tensor * ev_pos    = nullptr; // I32 [n_ev*bs]        their -positions (to rotate keys back to 0)
@@ -74,6 +78,7 @@ infllm_shape_t::infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const
         memory   = true;
         n_ev     = c->n_ev_max;
         ev_sinks = c->params.n_init > 0;
+        true_pos = !c->params.absolute && c->params.true_below > 0;   // its inputs and the gather path
         return;
     }
     const auto & plan = c->cur;
@@ -82,10 +87,15 @@ infllm_shape_t::infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const
     n_sel    = memory ? c->n_selected(plan.ls) : 0;
     n_ev     = plan.ev_b1 - plan.ev_b0;
     ev_sinks = plan.ev_sinks;
+    // every query of the ubatch is below true_below: every distance it can see at true
+    // positions is one the model was trained on
+    true_pos = memory && !c->params.absolute && c->params.true_below > 0 &&
+               ubatch.pos[0] + (llama_pos) ubatch.n_tokens <= (llama_pos) c->params.true_below;
 }
 
 bool infllm_shape_t::operator==(const infllm_shape_t & o) const {
-    return n_ring == o.n_ring && n_sel == o.n_sel && memory == o.memory && n_ev == o.n_ev && ev_sinks == o.ev_sinks;
+    return n_ring == o.n_ring && n_sel == o.n_sel && memory == o.memory && n_ev == o.n_ev && ev_sinks == o.ev_sinks &&
+           true_pos == o.true_pos;
 }
 
 static const float NEG_INF = -INFINITY;
@@ -113,6 +123,12 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
     }
     if (used(mem_pos)) {
         std::fill((int32_t *) mem_pos->data, (int32_t *) mem_pos->data + ggml_nelements(mem_pos), (int32_t) r);
+    }
+    if (used(blk_tpos)) {   // block b holds positions n_init + b*bs ...
+        std::iota((int32_t *) blk_tpos->data, (int32_t *) blk_tpos->data + ggml_nelements(blk_tpos), (int32_t) p.n_init);
+    }
+    if (used(sink_tpos)) {
+        std::iota((int32_t *) sink_tpos->data, (int32_t *) sink_tpos->data + ggml_nelements(sink_tpos), 0);
     }
 
     // memory rows: all attended; ring cell c holds the latest position < p_end congruent to c
@@ -198,6 +214,10 @@ static std::unique_ptr<llm_graph_input_attn_infllm> infllm_new_input(const llm_g
         // one position for every memory row: a prefix serves the blocks and the sinks
         inp->mem_pos = input(GGML_TYPE_I32, std::max<int64_t>(1, std::max<int64_t>((int64_t) shape.n_sel*p.block_size, p.n_init)), 1,
                              "infllm_mem_pos");
+    }
+    if (shape.true_pos) {
+        inp->blk_tpos  = input(GGML_TYPE_I32, p.block_size, c->n_blocks, "infllm_blk_tpos");
+        inp->sink_tpos = input(GGML_TYPE_I32, std::max<int64_t>(1, p.n_init), 1, "infllm_sink_tpos");
     }
     if (shape.n_sel > 0) {
         inp->blk_bias = input(GGML_TYPE_F32, 1, c->n_blocks, "infllm_blk_bias");
@@ -599,6 +619,7 @@ ggml_tensor * llama_infllm_build_attn(
     //
 
     ggml_tensor * slots = nullptr;
+    ggml_tensor * blk_ids = nullptr;   // the picked blocks (in offload mode not their pool slots)
     if (n_sel > 0) {
         ggml_tensor * qs = chunk_query();
         ggml_tensor * scores = ggml_add(ctx0, ggml_mul_mat(ctx0, repr, qs),
@@ -607,6 +628,7 @@ ggml_tensor * llama_infllm_build_attn(
         // ggml-vulkan's top-k shortcut for k = 1 compares float bits as signed integers and
         // prefers -inf to any negative score
         ggml_tensor * ids = n_sel == 1 ? ggml_argmax(ctx0, scores) : ggml_top_k(ctx0, scores, n_sel);
+        blk_ids = ids;
         if (c->resident) {
             slots = ids;
         } else {
@@ -622,7 +644,8 @@ ggml_tensor * llama_infllm_build_attn(
     // attention: one softmax over the picked blocks, the sinks and the window
     //
 
-    if (n_q == 1 && c->one_query_kernel && ggml_is_contiguous(q_att) && q_att->type == GGML_TYPE_F32) {
+    // (at true positions every memory row has its own rotation: the gather path below)
+    if (n_q == 1 && c->one_query_kernel && !(shape.true_pos && rotate) && ggml_is_contiguous(q_att) && q_att->type == GGML_TYPE_F32) {
         // decode step on the CPU backend: our single-query kernel reads the blocks in the pool
         // and the sinks where they are stored, with the query rotated to see them, and the ring
         // (llama-infllm-attn-cpu.h); nothing is gathered or rotated per step
@@ -641,7 +664,8 @@ ggml_tensor * llama_infllm_build_attn(
     }
 
     // flash attention needs its rows in one tensor: the picked blocks and the sinks are copied
-    // into the working rows before the ring, keys rotated to the memory position
+    // into the working rows before the ring, keys rotated to the memory position, or with
+    // true_pos to their own positions (a block's are looked up by its id)
     ggml_tensor * k_mem_w[2] = {nullptr, nullptr};
     ggml_tensor * v_mem_w[2] = {nullptr, nullptr};
     if (n_sel > 0) {
@@ -650,7 +674,9 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * vb = ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, v_pool, row_v*bs, n_slots), slots);
         kb = ggml_reshape_3d(ctx0, kb, d_k, n_kv_h, n_blk_rows);
         if (rotate) {
-            kb = reposition(kb, ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
+            kb = reposition(kb, shape.true_pos
+                    ? ggml_reshape_1d(ctx0, ggml_get_rows(ctx0, inp->blk_tpos, blk_ids), n_blk_rows)
+                    : ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
         }
         k_mem_w[0] = ggml_cpy(ctx0, kb, infllm_rows_3d(ctx0, L.k_work, d_k, m0, n_blk_rows));
         v_mem_w[0] = ggml_cpy(ctx0, ggml_reshape_3d(ctx0, vb, d_v, n_kv_h, n_blk_rows),
@@ -660,7 +686,8 @@ ggml_tensor * llama_infllm_build_attn(
         const int64_t r0 = c->n_mem_max - p.n_init;
         ggml_tensor * ks = infllm_rows_3d(ctx0, k_sinks, d_k, 0, p.n_init);
         if (rotate) {
-            ks = reposition(ks, ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
+            ks = reposition(ks, shape.true_pos ? ggml_view_1d(ctx0, inp->sink_tpos, p.n_init, 0)
+                                               : ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
         }
         k_mem_w[1] = ggml_cpy(ctx0, ks, infllm_rows_3d(ctx0, L.k_work, d_k, r0, p.n_init));
         v_mem_w[1] = ggml_cpy(ctx0, infllm_rows_3d(ctx0, v_sinks, d_v, 0, p.n_init),

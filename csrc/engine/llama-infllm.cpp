@@ -176,6 +176,7 @@ llama_infllm_params llama_infllm_default_params(void) {
     p.rewind     = 1024;
     p.repr_keys  = 0;
     p.absolute   = false;
+    p.true_below = 0;
     p.budget_bytes = 0;
     p.cache_blocks = -1;
     p.host_budget  = 0;

@@ -22,6 +22,8 @@ extern "C" {
         uint32_t repr_keys;    // representative key of a block: 0 the sum of its keys, r the sum of the r keys
                                // the evicting chunk's query attends to most (r <= block_size)
         bool     absolute;     // false: memory at one position just before the window; true: true positions
+        uint32_t true_below;   // with absolute false: a ubatch whose positions are all below this sees memory
+                               // at true positions too (the model's trained context; 0: never)
         size_t   budget_bytes; // device bytes the cache may use (0: no bound; cache_blocks sizes the pool)
         int32_t  cache_blocks; // device block slots per layer without a budget (-1: every block); -1 with a budget
         size_t   host_budget;  // host bytes the block store may reach (0: unbounded)
