@@ -78,7 +78,7 @@ class InfLLMConfig:
     topk: int = 16
     rewind: int = 1024
     repr_keys: int = 0
-    positions: str = "auto"
+    positions: str = "infllm"
     cache_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:

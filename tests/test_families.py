@@ -8,7 +8,7 @@ attention, the kernel the InfLLM cache uses) and with two InfLLM configurations:
 - window: n_local=1024 covers the whole context, no block ever leaves the window;
 - absolute: a window of 16 + 64 tokens, the rest in 16-token memory blocks, topk=64
   selecting every block, at true positions;
-- auto: the same with positions="auto" (the default): 400 tokens are inside every family's
+- auto: the same with positions="auto": 400 tokens are inside every family's
   trained context, so the memory keys, stored at position 0, are rotated on to their true
   positions in every ubatch.
 
