@@ -11,6 +11,9 @@ attention, the kernel the InfLLM cache uses) and with two InfLLM configurations:
 - auto: the same with positions="auto": 400 tokens are inside every family's
   trained context, so the memory keys, stored at position 0, are rotated on to their true
   positions in every ubatch.
+- auto-steps: "auto" over the first STEP_TOKENS tokens one token per ubatch: decode steps,
+  which on the CPU take the cache's own single-query kernel; it turns each memory key by
+  its offset in its block (every RoPE layout, partial rotations included).
 
 All three give the stock cache's answer in exact arithmetic. For each configuration the
 outcome must be top-1 agreement >= 0.99 with the stock logits and an NMSE within MAX_NMSE
@@ -38,7 +41,8 @@ MIN_TOP1 = 0.99
 # soft-cap left out moves its logits by an NMSE of 1e-2 with every top-1 token kept). Window
 # covering differs from stock only in the order of the rows; the other two re-rotate or
 # gather the keys in f16 (largest seen: 3e-7)
-MAX_NMSE = {"window": 1e-6, "absolute": 1e-5, "auto": 1e-5, "infllm": 1e-5}
+MAX_NMSE = {"window": 1e-6, "absolute": 1e-5, "auto": 1e-5, "auto-steps": 1e-5, "infllm": 1e-5}
+NAMES = ("window", "absolute", "auto", "auto-steps", "infllm")
 # families none of whose layers use RoPE: there positions="infllm" has the stock
 # answer too, which checks that the cache does not rotate keys the model never rotated
 NO_ROPE = {"granite-norope", "starcoder"}
@@ -58,15 +62,17 @@ CONFIGS = {
     "window": pi.InfLLMConfig(n_local=1024, n_init=16, block_size=16, topk=4),
     "absolute": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="absolute"),
     "auto": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="auto"),
+    "auto-steps": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="auto"),
 }
+STEP_TOKENS = 200   # auto-steps: 120 of them with memory (window 64 + sinks 16)
 if sys.argv[2] == "norope":
     # without RoPE the memory position changes nothing: positions="infllm" must match too
     CONFIGS["infllm"] = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="infllm")
 
-def model(**kw):
+def model(n_ubatch=64, **kw):
     # swa_full=False: the SWA cache size the InfLLM cache uses by default, for both (no effect
     # on models without sliding-window layers)
-    return pi.Model(path, n_ctx=1024, n_threads=1, n_ubatch=64, flash_attn=True, swa_full=False, **kw)
+    return pi.Model(path, n_ctx=1024, n_threads=1, n_ubatch=n_ubatch, flash_attn=True, swa_full=False, **kw)
 
 def stage(what):
     print("STAGE " + what, flush=True)
@@ -77,19 +83,21 @@ with model() as m:
 out = {"stock_finite": bool(np.isfinite(stock).all())}
 for name, cfg in CONFIGS.items():
     stage(name + ": Model(kv='infllm')")
+    steps = name == "auto-steps"
     try:
-        m = model(kv="infllm", infllm=cfg)
+        m = model(kv="infllm", infllm=cfg, n_ubatch=1 if steps else 64)
     except pi.UnsupportedError as e:
         out[name] = {"refused": str(e)}
         continue
     stage(name + ": logits")
+    ref = stock[:STEP_TOKENS] if steps else stock
     with m:
-        lg = m.logits(ids)
+        lg = m.logits(ids[:len(ref)])
         s = m.kv_stats().infllm
     finite = bool(np.isfinite(lg).all())
     out[name] = {
-        "top1": float((lg.argmax(1) == stock.argmax(1)).mean()),
-        "nmse": float(((lg - stock) ** 2).mean() / (stock ** 2).mean()) if finite else None,
+        "top1": float((lg.argmax(1) == ref.argmax(1)).mean()),
+        "nmse": float(((lg - ref) ** 2).mean() / (ref ** 2).mean()) if finite else None,
         "finite": finite,
         "n_blocks": int(s.n_blocks),
         "selections": int(s.selections),
@@ -156,11 +164,11 @@ def test_infllm_matches_stock_or_refuses(family, family_files, capsys):
 
     with capsys.disabled():
         print(f"\n[{family}] stock finite={res['stock_finite']}; " +
-              "; ".join(f"{name}: {_describe(res[name])}" for name in ("window", "absolute", "auto", "infllm") if name in res))
+              "; ".join(f"{name}: {_describe(res[name])}" for name in NAMES if name in res))
 
     assert res["stock_finite"], f"{family}: stock logits are not finite"
     problems = []
-    for name in ("window", "absolute", "auto", "infllm"):
+    for name in NAMES:
         if name not in res:
             continue
         r = res[name]

@@ -149,6 +149,27 @@ def test_decode_kernel_as_close_to_stock_as_flash_attention(smollm2, short_text,
     assert top1 >= 0.99 and nmse < 1e-4, (top1, nmse)
 
 
+@pytest.mark.slow
+def test_decode_kernel_turns_memory_keys_to_their_true_positions(smollm2, short_text, monkeypatch):
+    # decode steps with positions="auto" inside the trained context: the kernel turns each
+    # memory key (stored at position 0) by its offset in its block and rotates the query once per
+    # block. References: "absolute", whose keys never left their positions, and ggml's flash
+    # attention over gathered rows that ggml's RoPE re-rotated (PYLLAMA_INF_ATTN=ggml)
+    small = dict(n_local=256, n_init=64, block_size=64, topk=64)
+    run = {pos: one_token_steps(smollm2, short_text, kv="infllm", infllm=pi.InfLLMConfig(**small, positions=pos))
+           for pos in ("auto", "absolute", "infllm")}
+    monkeypatch.setenv("PYLLAMA_INF_ATTN", "ggml")
+    for pos in ("auto", "absolute"):
+        run[pos + "-ggml"] = one_token_steps(smollm2, short_text, kv="infllm",
+                                             infllm=pi.InfLLMConfig(**small, positions=pos))
+    assert not (run["auto"] == run["auto-ggml"]).all()   # the knob switched kernels
+    top1, nmse = agreement(run["absolute"], run["auto"])
+    nmse_ggml = agreement(run["absolute-ggml"], run["auto-ggml"])[1]
+    nmse_fixed = agreement(run["absolute"], run["infllm"])[1]
+    # (measured: 4.5e-4; through ggml 4.7e-4; "auto" against "infllm" 3.1e-3)
+    assert top1 >= 0.99 and nmse <= 1.5 * nmse_ggml and nmse < nmse_fixed / 4, (top1, nmse, nmse_ggml, nmse_fixed)
+
+
 def test_decode_kernel_on_synthetic_model(tiny_model):
     text = "the quick brown fox jumps over the lazy dog " * 20
     ref = one_token_steps(tiny_model, text, flash_attn=False)

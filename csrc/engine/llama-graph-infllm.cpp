@@ -47,7 +47,9 @@ public:
     ggml_tensor * sel_pos   = nullptr; // I32 [1]              -(memory position): rotates a query to see memory
     ggml_tensor * mem_pos   = nullptr; // I32 [max(n_sel*bs, n_init)] the memory position (key rotation)
     ggml_tensor * blk_tpos  = nullptr; // I32 [bs, n_blocks]   true positions of every block's rows (true_pos)
-    ggml_tensor * sink_tpos = nullptr; // I32 [n_init]         true positions of the sinks (true_pos)
+    ggml_tensor * blk_tneg  = nullptr; // I32 [1, n_blocks]    -(true position of every block's first row) (true_pos)
+    ggml_tensor * sink_tpos = nullptr; // I32 [max(bs, n_init)] 0, 1, ..: the sinks' true positions, a row's
+                                       //                      offset in its block (true_pos)
     ggml_tensor * blk_bias  = nullptr; // F32 [1, n_blocks]    0 for memory blocks, -inf otherwise
     ggml_tensor * ev_cells  = nullptr; // I32 [n_ev*bs]        ring rows of the blocks leaving the window
     ggml_tensor * ev_pos    = nullptr; // I32 [n_ev*bs]        their -positions (to rotate keys back to 0)
@@ -126,6 +128,11 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
     }
     if (used(blk_tpos)) {   // block b holds positions n_init + b*bs ...
         std::iota((int32_t *) blk_tpos->data, (int32_t *) blk_tpos->data + ggml_nelements(blk_tpos), (int32_t) p.n_init);
+    }
+    if (used(blk_tneg)) {
+        for (int64_t b = 0; b < ggml_nelements(blk_tneg); ++b) {
+            ((int32_t *) blk_tneg->data)[b] = -(int32_t) (p.n_init + b*p.block_size);
+        }
     }
     if (used(sink_tpos)) {
         std::iota((int32_t *) sink_tpos->data, (int32_t *) sink_tpos->data + ggml_nelements(sink_tpos), 0);
@@ -217,7 +224,8 @@ static std::unique_ptr<llm_graph_input_attn_infllm> infllm_new_input(const llm_g
     }
     if (shape.true_pos) {
         inp->blk_tpos  = input(GGML_TYPE_I32, p.block_size, c->n_blocks, "infllm_blk_tpos");
-        inp->sink_tpos = input(GGML_TYPE_I32, std::max<int64_t>(1, p.n_init), 1, "infllm_sink_tpos");
+        inp->blk_tneg  = input(GGML_TYPE_I32, 1, c->n_blocks, "infllm_blk_tneg");
+        inp->sink_tpos = input(GGML_TYPE_I32, std::max<int64_t>(p.block_size, p.n_init), 1, "infllm_sink_tpos");
     }
     if (shape.n_sel > 0) {
         inp->blk_bias = input(GGML_TYPE_F32, 1, c->n_blocks, "infllm_blk_bias");
@@ -644,16 +652,39 @@ ggml_tensor * llama_infllm_build_attn(
     // attention: one softmax over the picked blocks, the sinks and the window
     //
 
-    // (at true positions every memory row has its own rotation: the gather path below)
-    if (n_q == 1 && c->one_query_kernel && !(shape.true_pos && rotate) && ggml_is_contiguous(q_att) && q_att->type == GGML_TYPE_F32) {
+    // at true positions every memory key has its own rotation: the kernel turns them by their
+    // offset in the block, which RoPE does not commute with in the Hadamard basis of quantized K
+    const bool turn = shape.true_pos && rotate;
+    if (n_q == 1 && c->one_query_kernel && !(turn && c->k_rot) && ggml_is_contiguous(q_att) && q_att->type == GGML_TYPE_F32) {
         // decode step on the CPU backend: our single-query kernel reads the blocks in the pool
         // and the sinks where they are stored, with the query rotated to see them, and the ring
-        // (llama-infllm-attn-cpu.h); nothing is gathered or rotated per step
+        // (llama-infllm-attn-cpu.h); nothing is gathered per step
         llama_infllm_attn_memory mem = {};
         if (shape.memory) {
-            // the query as it sees memory keys stored at position 0
-            ggml_tensor * q_mem = hk(rotate ? infllm_rope(ctx0, rope, q_cur, inp->sel_pos) : q_cur);
-            mem = {q_mem, k_pool, v_pool, slots, k_sinks, v_sinks, (int) bs};
+            mem.k_pool = k_pool;
+            mem.v_pool = v_pool;
+            mem.slots  = slots;
+            mem.k_sinks = k_sinks;
+            mem.v_sinks = v_sinks;
+            mem.block_size = (int) bs;
+            if (turn) {
+                // row i of a block that starts at position s scores (R(-s) q) . (R(i) k): a query
+                // per block, and a table of R(0) .. R(max(bs, n_init) - 1) that turns the keys
+                mem.q = q_cur;   // the sinks start at position 0
+                if (n_sel > 0) {
+                    ggml_tensor * qb = ggml_repeat_4d(ctx0, q_cur, d_k, n_head, n_sel, 1);
+                    mem.q_blocks = infllm_rope(ctx0, rope, qb, ggml_reshape_1d(ctx0, ggml_get_rows(ctx0, inp->blk_tneg, blk_ids), n_sel));
+                }
+                const int64_t n_off = inp->sink_tpos->ne[0];
+                const bool    neox  = rope.mode == GGML_ROPE_TYPE_NEOX;
+                mem.rot = infllm_rope(ctx0, rope, llama_infllm_attn_rot_unit(ctx0, q_cur, d_k, n_off, rope.n_dims, neox),
+                                      inp->sink_tpos);
+                mem.rope_dims = rope.n_dims;
+                mem.rope_neox = neox;
+            } else {
+                // the query as it sees memory keys stored at position 0
+                mem.q = hk(rotate ? infllm_rope(ctx0, rope, q_cur, inp->sel_pos) : q_cur);
+            }
         }
         const int n_chunks = (int) std::clamp<int64_t>(n_att/256, 1, 32);
         ggml_tensor * out = llama_infllm_attn_one_query_cpu(ctx0, q_att,

@@ -38,7 +38,7 @@ struct rows {
     int64_t      n_kv_head;
     int          n_gqa;      // query heads per KV head
     int64_t      d;
-    ggml_type    type;       // F16 or Q8_0
+    ggml_type    type;       // F16 or Q8_0, or F32 (keys turned to their positions, see rotate_fn)
 };
 
 // q8_0 as ggml stores it: 32 values per block, an f16 scale then 32 int8
@@ -53,6 +53,10 @@ inline float q8_scale(const char * block) {
 
 // one head's d values of a row, as f32
 inline void row_to_f32(const rows & r, const char * src, float * out) {
+    if (r.type == GGML_TYPE_F32) {
+        std::memcpy(out, src, r.d*sizeof(float));
+        return;
+    }
     if (r.type == GGML_TYPE_F16) {
         ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, out, r.d);
         return;
@@ -70,6 +74,28 @@ inline void row_to_f32(const rows & r, const char * src, float * out) {
 using scores_fn = void (*)(const float * q, const rows & k, const int64_t * cells, int n, float * s);
 // acc[hq*d + i] += p[hq*TILE + j] * v_{hq/n_gqa}(cells[j])[i]
 using accum_fn = void (*)(const float * p, const rows & v, const int64_t * cells, int n, float * acc);
+// y = one head's d values of a key row (src), as f32, turned by the rotation whose cosines and
+// sines RoPE put in t (RoPE of the unit pattern, see llama_infllm_attn_rot_unit); dimensions
+// from n_dims on are not rotated
+using turn_fn = void (*)(const rows & k, const char * src, const float * t, float * y, int n_dims, bool neox);
+
+// y turned in place (see turn_fn)
+void rotate_generic(float * y, const float * t, int n_dims, bool neox) {
+    const int h = n_dims/2;
+    for (int j = 0; j < h; ++j) {
+        // NEOX pairs (j, j + h), the cosine at j and the sine at j + h; else (2j, 2j + 1)
+        const int a = neox ? j : 2*j;
+        const int b = neox ? j + h : 2*j + 1;
+        const float c = t[a], sn = t[b], xa = y[a], xb = y[b];
+        y[a] = xa*c - xb*sn;
+        y[b] = xa*sn + xb*c;
+    }
+}
+
+void turn_generic(const rows & k, const char * src, const float * t, float * y, int n_dims, bool neox) {
+    row_to_f32(k, src, y);
+    rotate_generic(y, t, n_dims, neox);
+}
 
 void scores_generic(const float * q, const rows & k, const int64_t * cells, int n, float * s) {
     std::vector<float> row(k.d);
@@ -155,19 +181,24 @@ INFLLM_AVX2 inline void store_scores(const __m256 * a, float * s) {
     }
 }
 
-// scores of CB cells at a time for the G query heads of one KV head: G*CB accumulators
-template <int G, int CB>
+// 8 values of an f16 or f32 row as f32 lanes
+INFLLM_AVX2 inline __m256 load8(const uint16_t * x) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) x)); }
+INFLLM_AVX2 inline __m256 load8(const float * x) { return _mm256_loadu_ps(x); }
+
+// scores of CB cells at a time for the G query heads of one KV head: G*CB accumulators; rows of
+// T: uint16_t (f16) or float (keys turned to their positions in a tile buffer)
+template <int G, int CB, typename T>
 INFLLM_AVX2 inline void scores_block(const float * q, int64_t d, const char * k, size_t stride,
                                      const int64_t * cells, float * s) {
     __m256 a[G*CB] = {};
-    const uint16_t * kr[CB];
+    const T * kr[CB];
     for (int c = 0; c < CB; ++c) {
-        kr[c] = (const uint16_t *) (k + cells[c]*stride);
+        kr[c] = (const T *) (k + cells[c]*stride);
     }
     for (int64_t i = 0; i < d; i += 8) {
         __m256 kv[CB];
         for (int c = 0; c < CB; ++c) {
-            kv[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kr[c] + i)));
+            kv[c] = load8(kr[c] + i);
         }
         for (int g = 0; g < G; ++g) {
             const __m256 qv = _mm256_loadu_ps(q + g*d + i);
@@ -179,24 +210,57 @@ INFLLM_AVX2 inline void scores_block(const float * q, int64_t d, const char * k,
     store_scores<G, CB>(a, s);
 }
 
-// the scores of CB cells of one KV head's G query heads from f16 or (Q8) q8_0 rows
-template <int G, int CB, bool Q8>
+// turn_generic with f16 rows converted and pairs rotated 8 lanes at a time, where the layout allows
+INFLLM_AVX2 void turn_avx2(const rows & k, const char * src, const float * t, float * y, int n_dims, bool neox) {
+    if (k.type == GGML_TYPE_F16) {
+        for (int64_t i = 0; i < k.d; i += 8) {   // d % 8 == 0 (pick_kernels)
+            _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const uint16_t *) src + i))));
+        }
+    } else {
+        row_to_f32(k, src, y);
+    }
+    const int h = n_dims/2;
+    if (neox ? h % 8 != 0 : n_dims % 8 != 0) {
+        rotate_generic(y, t, n_dims, neox);
+    } else if (neox) {
+        for (int j = 0; j < h; j += 8) {
+            const __m256 a = _mm256_loadu_ps(y + j), b = _mm256_loadu_ps(y + h + j);
+            const __m256 c = _mm256_loadu_ps(t + j), sn = _mm256_loadu_ps(t + h + j);
+            _mm256_storeu_ps(y + j,     _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, sn)));
+            _mm256_storeu_ps(y + h + j, _mm256_fmadd_ps(a, sn, _mm256_mul_ps(b, c)));
+        }
+    } else {
+        // lanes (x0, x1, ..): y0 = x0 c - x1 s, y1 = x1 c + x0 s
+        for (int i = 0; i < n_dims; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(y + i), tv = _mm256_loadu_ps(t + i);
+            const __m256 c  = _mm256_moveldup_ps(tv);                  // c0 c0 c1 c1 ..
+            const __m256 sn = _mm256_movehdup_ps(tv);                  // s0 s0 s1 s1 ..
+            const __m256 xs = _mm256_permute_ps(xv, 0xB1);             // x1 x0 x3 x2 ..
+            _mm256_storeu_ps(y + i, _mm256_fmaddsub_ps(xv, c, _mm256_mul_ps(xs, sn)));
+        }
+    }
+}
+
+enum row_kind { ROW_F16, ROW_Q8, ROW_F32 };
+
+// the scores of CB cells of one KV head's G query heads from f16, q8_0 or f32 rows
+template <int G, int CB, row_kind KIND>
 INFLLM_AVX2 inline void scores_cells(const float * q, int64_t d, const char * k, size_t stride,
                                      const int64_t * cells, float * s);
 
 // CB cells at a time, every KV head of those cells before the next CB: the rows are read in order
-template <int G, bool Q8>
+template <int G, row_kind KIND>
 INFLLM_AVX2 void scores_avx2(const float * q, const rows & k, const int64_t * cells, int n, float * s) {
     constexpr int CB = std::min(8, 12/G);   // G <= 8, so CB >= 1
     int j = 0;
     for (; j + CB <= n; j += CB) {
         for (int64_t h = 0; h < k.n_kv_head; ++h) {
-            scores_cells<G, CB, Q8>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
+            scores_cells<G, CB, KIND>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
         }
     }
     for (; j < n; ++j) {
         for (int64_t h = 0; h < k.n_kv_head; ++h) {
-            scores_cells<G, 1, Q8>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
+            scores_cells<G, 1, KIND>(q + h*G*k.d, k.d, k.data + h*k.head, k.row, cells + j, s + h*G*TILE + j);
         }
     }
 }
@@ -320,13 +384,15 @@ INFLLM_AVX2 inline void accum_head_q8(const float * p, int64_t d, const char * v
     }
 }
 
-template <int G, int CB, bool Q8>
+template <int G, int CB, row_kind KIND>
 INFLLM_AVX2 inline void scores_cells(const float * q, int64_t d, const char * k, size_t stride,
                                      const int64_t * cells, float * s) {
-    if constexpr (Q8) {
+    if constexpr (KIND == ROW_Q8) {
         scores_block_q8<G, CB>(q, d, k, stride, cells, s);
+    } else if constexpr (KIND == ROW_F32) {
+        scores_block<G, CB, float>(q, d, k, stride, cells, s);
     } else {
-        scores_block<G, CB>(q, d, k, stride, cells, s);
+        scores_block<G, CB, uint16_t>(q, d, k, stride, cells, s);
     }
 }
 
@@ -446,9 +512,11 @@ struct kernels {
     softmax_fn softmax;
     scores_fn  scores_q8;   // Q8_0 rows
     accum_fn   accum_q8;
+    scores_fn  scores_f32;  // F32 rows (keys at their own positions)
+    turn_fn    turn;
 
     void score(const float * q, const rows & k, const int64_t * cells, int n, float * s) const {
-        (k.type == GGML_TYPE_Q8_0 ? scores_q8 : scores)(q, k, cells, n, s);
+        (k.type == GGML_TYPE_Q8_0 ? scores_q8 : k.type == GGML_TYPE_F32 ? scores_f32 : scores)(q, k, cells, n, s);
     }
     void accumulate(const float * p, const rows & v, const int64_t * cells, int n, float * acc) const {
         (v.type == GGML_TYPE_Q8_0 ? accum_q8 : accum)(p, v, cells, n, acc);
@@ -461,9 +529,11 @@ template <int G>
 kernels avx2_kernels(int64_t d_v) {
     constexpr int SG = G == 1 ? 8 : G <= 3 ? 4 : G <= 6 ? 2 : 1;
     if (d_v % (8*SG) == 0) {
-        return {scores_avx2<G, false>, accum_avx2<G, SG, false>, softmax_tile_avx2, scores_avx2<G, true>, accum_avx2<G, SG, true>};
+        return {scores_avx2<G, ROW_F16>, accum_avx2<G, SG, false>, softmax_tile_avx2, scores_avx2<G, ROW_Q8>,
+                accum_avx2<G, SG, true>, scores_avx2<G, ROW_F32>, turn_avx2};
     }
-    return {scores_avx2<G, false>, accum_avx2<G, 1, false>, softmax_tile_avx2, scores_avx2<G, true>, accum_avx2<G, 1, true>};
+    return {scores_avx2<G, ROW_F16>, accum_avx2<G, 1, false>, softmax_tile_avx2, scores_avx2<G, ROW_Q8>,
+            accum_avx2<G, 1, true>, scores_avx2<G, ROW_F32>, turn_avx2};
 }
 #endif
 
@@ -484,7 +554,8 @@ kernels pick_kernels(int64_t d_k, int64_t d_v, int n_gqa) {
     }
 #endif
     (void) d_k; (void) d_v; (void) n_gqa;
-    return {scores_generic, accum_generic, softmax_tile_generic, scores_generic, accum_generic};
+    return {scores_generic, accum_generic, softmax_tile_generic, scores_generic, accum_generic, scores_generic,
+            turn_generic};
 }
 
 // pull the K and V rows of cells [c0, c1) towards the cache (PREFETCH_TILES ahead of the running tile),
@@ -500,9 +571,28 @@ inline void prefetch_rows(const rows & k, const rows & v, int64_t c0, int64_t c1
     }
 }
 
-// the src slots of the partials op (see llama_infllm_attn_one_query_cpu)
-// SRC_Q: F32 [d_k, n_head, 1 or 2], the scaled query for the ring, then the one for memory
+// the src slots of the partials op (see llama_infllm_attn_one_query_cpu). SRC_Q: F32 [d_k, rows],
+// n_head rows each: the scaled query for the ring; with memory the one for memory (the sinks, with
+// keys at their own positions); with those, one per picked block, then the rotation table's rows
 enum { SRC_Q, SRC_K, SRC_V, SRC_MASK, SRC_K_POOL, SRC_V_POOL, SRC_SLOTS, SRC_K_SINKS, SRC_V_SINKS, SRC_COUNT };
+static_assert(SRC_COUNT < GGML_MAX_SRC, "ggml_custom_4d takes fewer sources");
+
+// the partials op's settings, packed into its userdata: the block size, and with keys at their
+// own positions the RoPE's rotated dimensions (0 otherwise) and layout
+struct op_config {
+    int64_t bs        = 1;
+    int     rope_dims = 0;
+    bool    rope_neox = false;
+
+    void * pack() const {
+        static_assert(sizeof(uintptr_t) >= 8, "the settings take 64 bits");
+        return (void *) (uintptr_t) ((uint64_t) bs | (uint64_t) rope_dims << 32 | (uint64_t) rope_neox << 48);
+    }
+    static op_config unpack(const void * u) {
+        const uint64_t x = (uint64_t) (uintptr_t) u;
+        return {(int64_t) (x & 0xffffffffu), (int) ((x >> 32) & 0xffffu), ((x >> 48) & 1u) != 0};
+    }
+};
 
 // the cells of the attended rows (mask columns) come in segments that are contiguous in one
 // tensor: each picked block in the pool, the sinks, the ring
@@ -512,6 +602,7 @@ struct segment {
     int64_t       start;    // first cell
     int64_t       end;      // one past the last cell
     int64_t       row0;     // row of the first cell in k / v
+    bool          turn;     // keys turned by their offset in the segment (rotation table row)
 };
 
 struct cell_map {
@@ -520,16 +611,20 @@ struct cell_map {
     rows k_pool{}, v_pool{}, k_sinks{}, v_sinks{}, k_ring{}, v_ring{};
     const float * q = nullptr;
     const float * q_mem = nullptr;
+    const float * q_blk = nullptr;   // keys at their own positions: block b's query at q_blk + b*q_stride
+    int64_t       q_stride = 0;
+    const float * rot = nullptr;     // and the rotation table, row i at rot + i*d_k
 
     segment at(int64_t c) const {
         if (c < n_blk*bs) {
             const int64_t b = c/bs;
-            return {k_pool, v_pool, q_mem, b*bs, (b + 1)*bs, (int64_t) slots[b]*bs};
+            return {k_pool, v_pool, rot ? q_blk + b*q_stride : q_mem, b*bs, (b + 1)*bs, (int64_t) slots[b]*bs,
+                    rot != nullptr};
         }
         if (c < n_mem) {
-            return {k_sinks, v_sinks, q_mem, n_blk*bs, n_mem, 0};
+            return {k_sinks, v_sinks, q_mem, n_blk*bs, n_mem, 0, rot != nullptr};
         }
-        return {k_ring, v_ring, q, n_mem, n_kv, 0};
+        return {k_ring, v_ring, q, n_mem, n_kv, 0, false};
     }
 };
 
@@ -548,11 +643,12 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * k    = dst->src[SRC_K];
     const ggml_tensor * v    = dst->src[SRC_V];
     const ggml_tensor * mask = dst->src[SRC_MASK];
+    const op_config     cfg  = op_config::unpack(userdata);
 
     const int64_t d_k      = k->ne[0];
     const int64_t d_v      = v->ne[0];
     const int64_t n_kv_h   = k->ne[1];
-    const int64_t n_head   = q->ne[1];
+    const int64_t n_head   = dst->ne[1];
     const int     n_gqa    = (int) (n_head/n_kv_h);
     const int64_t n_chunks = dst->ne[2];
     const kernels kern     = pick_kernels(d_k, d_v, n_gqa);
@@ -564,11 +660,16 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     // a ring cell's row holds every KV head: nb[2] bytes from one cell to the next
     map.k_ring = {(const char *) k->data, k->nb[2], k->nb[1], n_kv_h, n_gqa, d_k, k->type};
     map.v_ring = {(const char *) v->data, v->nb[2], v->nb[1], n_kv_h, n_gqa, d_v, v->type};
-    if (q->ne[2] > 1) {
-        map.q_mem   = (const float *) ((const char *) q->data + q->nb[2]);
-        map.bs      = (int64_t) (intptr_t) userdata;
+    if (q->ne[1] > n_head) {
+        map.q_mem   = (const float *) q->data + n_head*d_k;
+        map.bs      = cfg.bs;
         map.slots   = dst->src[SRC_SLOTS] ? (const int32_t *) dst->src[SRC_SLOTS]->data : nullptr;
         map.n_blk   = dst->src[SRC_SLOTS] ? dst->src[SRC_SLOTS]->ne[0] : 0;
+        if (cfg.rope_dims > 0) {
+            map.q_stride = n_head*d_k;
+            map.q_blk    = map.q_mem + map.q_stride;
+            map.rot      = map.q_blk + map.n_blk*map.q_stride;
+        }
         map.n_init  = dst->src[SRC_K_SINKS] ? dst->src[SRC_K_SINKS]->ne[1] : 0;
         map.k_pool  = rows_2d(dst->src[SRC_K_POOL], d_k, n_kv_h, n_gqa);
         map.v_pool  = rows_2d(dst->src[SRC_V_POOL], d_v, n_kv_h, n_gqa);
@@ -583,6 +684,14 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     std::vector<int64_t> cells(TILE);
     std::vector<float>   bias(TILE);
     std::vector<float>   m(n_head), l(n_head);
+    // a tile's keys turned to their own positions, f32, read as rows 0 .. n-1
+    std::vector<float>   turned(map.rot ? (size_t) TILE*n_kv_h*d_k : 0);
+    std::vector<int64_t> tile_rows(TILE);
+    for (int j = 0; j < TILE; ++j) {
+        tile_rows[j] = j;
+    }
+    const rows turned_rows = {(const char *) turned.data(), n_kv_h*d_k*sizeof(float), d_k*sizeof(float), n_kv_h,
+                              n_gqa, d_k, GGML_TYPE_F32};
 
     // chunks hold equal numbers of attended cells: masked ones (the ring cells before the
     // window, kept for rewinding, and the padding) cost no work and must not unbalance threads
@@ -644,7 +753,18 @@ void partials_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             if (n == 0) {
                 continue;
             }
-            kern.score(seg.q, seg.k, cells.data(), n, s.data());
+            if (seg.turn) {
+                for (int j = 0; j < n; ++j) {
+                    const float * t = map.rot + (cells[j] - seg.row0)*d_k;   // the cell's offset in the segment
+                    for (int64_t h = 0; h < n_kv_h; ++h) {
+                        kern.turn(seg.k, seg.k.data + cells[j]*seg.k.row + h*seg.k.head, t,
+                                  turned.data() + (j*n_kv_h + h)*d_k, cfg.rope_dims, cfg.rope_neox);
+                    }
+                }
+                kern.score(seg.q, turned_rows, tile_rows.data(), n, s.data());
+            } else {
+                kern.score(seg.q, seg.k, cells.data(), n, s.data());
+            }
             for (int64_t hq = 0; hq < n_head; ++hq) {
                 const float r = kern.softmax(s.data() + hq*TILE, bias.data(), n, m[hq], l[hq]);
                 if (r != 1.0f) {
@@ -698,7 +818,33 @@ void merge_op(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
+// dst: F32 [d, n, ...] of unit patterns (llama_infllm_attn_rot_unit); userdata: an op_config
+void rot_unit_op(ggml_tensor * dst, int ith, int, void * userdata) {
+    if (ith != 0) {
+        return;
+    }
+    const op_config cfg = op_config::unpack(userdata);
+    const int64_t d = dst->ne[0];
+    for (int64_t r = 0; r < ggml_nrows(dst); ++r) {
+        float * x = (float *) dst->data + r*d;
+        std::fill(x, x + d, 0.0f);
+        for (int j = 0; j < cfg.rope_dims/2; ++j) {
+            x[cfg.rope_neox ? j : 2*j] = 1.0f;
+        }
+    }
+}
+
 } // namespace
+
+ggml_tensor * llama_infllm_attn_rot_unit(ggml_context * ctx, ggml_tensor * src, int64_t d, int64_t n,
+                                         int rope_dims, bool rope_neox) {
+    GGML_ASSERT(rope_dims > 0 && rope_dims % 2 == 0 && rope_dims <= d);
+    op_config cfg;
+    cfg.rope_dims = rope_dims;
+    cfg.rope_neox = rope_neox;
+    ggml_tensor * args[] = {src};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, d, 1, n, 1, args, 1, rot_unit_op, 1, cfg.pack());
+}
 
 bool llama_infllm_attn_cpu_type_ok(ggml_type type) {
     return type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0;
@@ -720,29 +866,50 @@ ggml_tensor * llama_infllm_attn_one_query_cpu(ggml_context * ctx, ggml_tensor * 
     GGML_ASSERT(k->ne[0] == q->ne[0] && q->ne[1] % k->ne[1] == 0 && v->ne[1] == k->ne[1] && k->ne[2] == v->ne[2]);
     GGML_ASSERT(k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type));
 
+    const int64_t d_k    = q->ne[0];
+    const int64_t n_head = q->ne[1];
     ggml_tensor * args[SRC_COUNT] = {nullptr, k, v, mask};
     int64_t n_mem = 0;
-    void * userdata = nullptr;
+    op_config cfg;
+    ggml_tensor * qs  = ggml_reshape_2d(ctx, q, d_k, n_head);   // the queries as rows (see SRC_Q)
+    ggml_tensor * rot = nullptr;
     if (mem != nullptr) {
         GGML_ASSERT(mem->q->type == GGML_TYPE_F32 && ggml_are_same_shape(mem->q, q) && mem->block_size > 0);
         for (const ggml_tensor * t : {mem->k_pool, mem->v_pool, mem->k_sinks, mem->v_sinks}) {
             GGML_ASSERT(t == nullptr || (llama_infllm_attn_cpu_type_ok(t->type) && t->nb[0] == ggml_type_size(t->type)));
         }
         GGML_ASSERT(mem->slots == nullptr || mem->slots->type == GGML_TYPE_I32);
-        q = ggml_concat(ctx, q, ggml_cont(ctx, mem->q), 2);   // [d_k, n_head, 2]
+        const int64_t n_blk  = mem->slots ? mem->slots->ne[0] : 0;
+        const int64_t n_init = mem->k_sinks ? mem->k_sinks->ne[1] : 0;
+        qs = ggml_concat(ctx, qs, ggml_reshape_2d(ctx, ggml_cont(ctx, mem->q), d_k, n_head), 1);
+        if (mem->rot != nullptr) {
+            GGML_ASSERT(mem->rot->type == GGML_TYPE_F32 && ggml_is_contiguous(mem->rot) && mem->rot->ne[0] == d_k &&
+                        ggml_nrows(mem->rot) >= std::max<int64_t>(mem->block_size, n_init));
+            GGML_ASSERT(mem->rope_dims > 0 && mem->rope_dims % 2 == 0 && mem->rope_dims <= d_k);
+            GGML_ASSERT((n_blk == 0) == (mem->q_blocks == nullptr));
+            if (n_blk > 0) {
+                GGML_ASSERT(mem->q_blocks->type == GGML_TYPE_F32 && mem->q_blocks->ne[0] == d_k &&
+                            mem->q_blocks->ne[1] == n_head && mem->q_blocks->ne[2] == n_blk);
+                qs = ggml_concat(ctx, qs, ggml_reshape_2d(ctx, ggml_cont(ctx, mem->q_blocks), d_k, n_head*n_blk), 1);
+            }
+            rot = ggml_reshape_2d(ctx, mem->rot, d_k, ggml_nrows(mem->rot));
+            cfg.rope_dims = mem->rope_dims;
+            cfg.rope_neox = mem->rope_neox;
+        }
         args[SRC_K_POOL]  = mem->k_pool;
         args[SRC_V_POOL]  = mem->v_pool;
         args[SRC_SLOTS]   = mem->slots;
         args[SRC_K_SINKS] = mem->k_sinks;
         args[SRC_V_SINKS] = mem->v_sinks;
-        n_mem = (mem->slots ? mem->slots->ne[0]*mem->block_size : 0) + (mem->k_sinks ? mem->k_sinks->ne[1] : 0);
-        userdata = (void *) (intptr_t) mem->block_size;
+        n_mem = n_blk*mem->block_size + n_init;
+        cfg.bs = mem->block_size;
     }
     GGML_ASSERT(mask->ne[0] == n_mem + k->ne[2]);
-    args[SRC_Q] = ggml_scale(ctx, q, kq_scale);
+    qs = ggml_scale(ctx, qs, kq_scale);   // the queries, not the rotation table
+    args[SRC_Q] = rot ? ggml_concat(ctx, qs, rot, 1) : qs;
 
-    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0] + 2, q->ne[1], n_chunks, 1, args, SRC_COUNT,
-                                        partials_op, GGML_N_TASKS_MAX, userdata);
+    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0] + 2, n_head, n_chunks, 1, args, SRC_COUNT,
+                                        partials_op, GGML_N_TASKS_MAX, cfg.pack());
     ggml_tensor * margs[] = {part};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0]*q->ne[1], 1, 1, 1, margs, 1, merge_op, GGML_N_TASKS_MAX, nullptr);
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0]*n_head, 1, 1, 1, margs, 1, merge_op, GGML_N_TASKS_MAX, nullptr);
 }
