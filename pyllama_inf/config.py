@@ -57,12 +57,11 @@ class InfLLMConfig:
         up to scale). r (1..block_size): by the sum of the r keys that the query of the chunk
         that evicts the block attends to most — InfLLM's representative tokens, so that a
         few salient tokens are not averaged away by the block's filler.
-    positions: ``"infllm"`` puts memory tokens at one fixed distance (``n_local``) from the
-        query, which lets a model run past its trained context; ``"absolute"`` keeps true
-        positions; ``"auto"`` keeps true positions for queries inside the model's trained
-        context (every distance they see is a trained one) and puts memory at InfLLM's
-        distance for queries past it. Decode steps at true positions take the general
-        attention path (the CPU's one-query kernel needs one rotation for all memory keys).
+    positions: ``"auto"`` (the default) keeps true positions for queries inside the model's
+        trained context (every distance they see is a trained one) and puts memory at
+        InfLLM's distance for queries past it; ``"infllm"`` puts memory tokens at one fixed
+        distance (``n_local``) from the query everywhere, which lets a model run past its
+        trained context; ``"absolute"`` keeps true positions everywhere.
     cache_blocks: device block slots per layer when the model has no ``kv_budget``: None
         keeps every block on the device (resident); a smaller number (at least ``topk``)
         keeps that many there and the rest in a host store, fetched when picked (offload).
@@ -78,7 +77,7 @@ class InfLLMConfig:
     topk: int = 16
     rewind: int = 1024
     repr_keys: int = 0
-    positions: str = "infllm"
+    positions: str = "auto"
     cache_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
