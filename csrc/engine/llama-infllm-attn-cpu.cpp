@@ -38,7 +38,7 @@ struct rows {
     int64_t      n_kv_head;
     int          n_gqa;      // query heads per KV head
     int64_t      d;
-    ggml_type    type;       // F16 or Q8_0, or F32 (keys turned to their positions, see rotate_fn)
+    ggml_type    type;       // F16 or Q8_0, or F32 (keys turned to their positions, see turn_fn)
 };
 
 // q8_0 as ggml stores it: 32 values per block, an f16 scale then 32 int8
@@ -214,7 +214,7 @@ INFLLM_AVX2 inline void scores_block(const float * q, int64_t d, const char * k,
 INFLLM_AVX2 void turn_avx2(const rows & k, const char * src, const float * t, float * y, int n_dims, bool neox) {
     if (k.type == GGML_TYPE_F16) {
         for (int64_t i = 0; i < k.d; i += 8) {   // d % 8 == 0 (pick_kernels)
-            _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const uint16_t *) src + i))));
+            _mm256_storeu_ps(y + i, load8((const uint16_t *) src + i));
         }
     } else {
         row_to_f32(k, src, y);
