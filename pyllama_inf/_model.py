@@ -256,12 +256,16 @@ def _warn_past_training(cfg: InfLLMConfig, n_ctx: int, n_ubatch: int, n_ctx_trai
     With positions="infllm" a query sees keys at most n_local + block_size + n_ubatch
     positions away (the window, the block being filled, the chunk); with "absolute" it
     sees the true distances, up to n_ctx; with "auto" the true distances while they are
-    trained ones, then as "infllm".
+    trained ones, then as "infllm"; with "packed" up to n_init + topk*block_size more than
+    with "infllm" (the memory laid out before the window).
     """
     if n_ctx_train <= 0:
         return
     if cfg.positions == "absolute":
         span, what = n_ctx, "n_ctx"
+    elif cfg.positions == "packed":
+        span = cfg.n_local + cfg.block_size + n_ubatch + cfg.n_init + cfg.topk * cfg.block_size
+        what = "n_local + block_size + n_ubatch + n_init + topk*block_size"
     else:
         span, what = cfg.n_local + cfg.block_size + n_ubatch, "n_local + block_size + n_ubatch"
     if span > n_ctx_train:
@@ -401,6 +405,7 @@ class Model:
             params.rewind = infllm.rewind
             params.repr_keys = infllm.repr_keys
             params.absolute = infllm.positions == "absolute"
+            params.packed = infllm.positions == "packed"
             if infllm.cache_blocks is not None:
                 if budget is not None:
                     raise ValueError("InfLLMConfig.cache_blocks and kv_budget both size the device block "

@@ -30,8 +30,9 @@ def _add_infllm_args(g) -> None:
     g.add_argument("--repr-keys", type=int, default=None,
                    help=f"score a block by its r most-attended keys, 0: by all its keys (default {d.repr_keys})")
     g.add_argument("--positions", choices=POSITIONS, default=None,
-                   help="memory at one fixed distance (infllm), at true positions (absolute), or at true "
-                        f"positions inside the model's trained context and infllm past it (auto; default {d.positions})")
+                   help="memory at one fixed distance (infllm), at true positions (absolute), at true "
+                        "positions inside the model's trained context and infllm past it (auto), or packed "
+                        f"in its order just before the window (packed; default {d.positions})")
 
 
 _INFLLM_FLAGS = ("block_size", "n_init", "n_local", "topk", "rewind", "repr_keys", "positions")

@@ -38,7 +38,7 @@ def parse_bytes(value: Union[int, str, None], *, name: str = "size") -> Optional
 
 
 _MAX_FIELD = 1 << 30   # tokens or blocks; far beyond any context llama.cpp can hold
-POSITIONS = ("infllm", "absolute", "auto")   # InfLLMConfig.positions
+POSITIONS = ("infllm", "absolute", "auto", "packed")   # InfLLMConfig.positions
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,11 @@ class InfLLMConfig:
         trained context (every distance they see is a trained one) and puts memory at
         InfLLM's distance for queries past it; ``"infllm"`` puts memory tokens at one fixed
         distance (``n_local``) from the query everywhere, which lets a model run past its
-        trained context; ``"absolute"`` keeps true positions everywhere.
+        trained context; ``"absolute"`` keeps true positions everywhere; ``"packed"`` lays
+        the sinks and the picked blocks out, in their order in the context, just before the
+        window, every token at its own position (a block keeps the order of its tokens, and a
+        query sees memory at most n_init + topk*block_size positions beyond the window); with
+        every block picked these are the true positions.
     cache_blocks: device block slots per layer when the model has no ``kv_budget``: None
         keeps every block on the device (resident); a smaller number (at least ``topk``)
         keeps that many there and the rest in a host store, fetched when picked (offload).

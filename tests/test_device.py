@@ -81,7 +81,7 @@ def test_window_covering_context_equals_stock(tiny_model, device, stock):
     assert s.infllm.n_blocks == 0
 
 
-@pytest.mark.parametrize("positions", ["absolute", "auto"])   # auto: inside the model's 8192 tokens
+@pytest.mark.parametrize("positions", ["absolute", "auto", "packed"])   # auto: inside the model's 8192 tokens
 def test_blocks_covering_context_with_absolute_positions_equal_stock(tiny_model, device, stock, positions):
     cfg = dataclasses.replace(SMALL, topk=64, positions=positions)
     ours, s = logits(tiny_model, device, kv="infllm", infllm=cfg)
@@ -90,7 +90,7 @@ def test_blocks_covering_context_with_absolute_positions_equal_stock(tiny_model,
     assert s.infllm.n_blocks > 15 and s.infllm.selections > 0
 
 
-@pytest.mark.parametrize("positions", ["infllm", "absolute", "auto"])
+@pytest.mark.parametrize("positions", ["infllm", "absolute", "auto", "packed"])
 def test_offload_is_bit_identical_and_really_moves_blocks(tiny_model, device, positions):
     cfg = dataclasses.replace(SMALL, positions=positions)
     resident, sr = logits(tiny_model, device, kv="infllm", infllm=cfg)

@@ -14,8 +14,12 @@ attention, the kernel the InfLLM cache uses) and with two InfLLM configurations:
 - auto-steps: "auto" over the first STEP_TOKENS tokens one token per ubatch: decode steps,
   which on the CPU take the cache's own single-query kernel; it turns each memory key by
   its offset in its block (every RoPE layout, partial rotations included).
+- packed, packed-steps: the same two with positions="packed": the sinks and the picked blocks
+  laid out in their order just before the window. With every block picked that is where
+  they are, so the picks must be put in their order (top-k leaves them in none) and each
+  given its own place.
 
-All three give the stock cache's answer in exact arithmetic. For each configuration the
+All of them give the stock cache's answer in exact arithmetic. For each configuration the
 outcome must be top-1 agreement >= 0.99 with the stock logits and an NMSE within MAX_NMSE
 (all finite), or, for the
 families listed in REFUSED, a ``pyllama_inf.UnsupportedError`` naming the reason, raised
@@ -41,8 +45,9 @@ MIN_TOP1 = 0.99
 # soft-cap left out moves its logits by an NMSE of 1e-2 with every top-1 token kept). Window
 # covering differs from stock only in the order of the rows; the other two re-rotate or
 # gather the keys in f16 (largest seen: 3e-7)
-MAX_NMSE = {"window": 1e-6, "absolute": 1e-5, "auto": 1e-5, "auto-steps": 1e-5, "infllm": 1e-5}
-NAMES = ("window", "absolute", "auto", "auto-steps", "infllm")
+MAX_NMSE = {"window": 1e-6, "absolute": 1e-5, "auto": 1e-5, "auto-steps": 1e-5, "packed": 1e-5, "packed-steps": 1e-5,
+            "infllm": 1e-5}
+NAMES = ("window", "absolute", "auto", "auto-steps", "packed", "packed-steps", "infllm")
 # families none of whose layers use RoPE: there positions="infllm" has the stock
 # answer too, which checks that the cache does not rotate keys the model never rotated
 NO_ROPE = {"granite-norope", "starcoder"}
@@ -63,8 +68,10 @@ CONFIGS = {
     "absolute": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="absolute"),
     "auto": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="auto"),
     "auto-steps": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="auto"),
+    "packed": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="packed"),
+    "packed-steps": pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="packed"),
 }
-STEP_TOKENS = 200   # auto-steps: 120 of them with memory (window 64 + sinks 16)
+STEP_TOKENS = 200   # the -steps configurations: 120 of them with memory (window 64 + sinks 16)
 if sys.argv[2] == "norope":
     # without RoPE the memory position changes nothing: positions="infllm" must match too
     CONFIGS["infllm"] = pi.InfLLMConfig(n_local=64, n_init=16, block_size=16, topk=64, positions="infllm")
@@ -83,7 +90,7 @@ with model() as m:
 out = {"stock_finite": bool(np.isfinite(stock).all())}
 for name, cfg in CONFIGS.items():
     stage(name + ": Model(kv='infllm')")
-    steps = name == "auto-steps"
+    steps = name.endswith("-steps")
     try:
         m = model(kv="infllm", infllm=cfg, n_ubatch=1 if steps else 64)
     except pi.UnsupportedError as e:

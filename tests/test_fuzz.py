@@ -58,7 +58,7 @@ def test_generate_parameters(tiny, max_tokens, temperature, top_k, top_p, min_p,
 
 @fuzz(60)
 @given(block_size=st.integers(-2, 300), n_init=st.integers(-2, 300), n_local=st.integers(-2, 1200),
-       topk=st.integers(-2, 40), rewind=st.integers(-1, 600), positions=st.sampled_from(["infllm", "absolute", "x"]),
+       topk=st.integers(-2, 40), rewind=st.integers(-1, 600), positions=st.sampled_from(["infllm", "absolute", "auto", "packed", "x"]),
        cache_blocks=st.one_of(st.none(), st.integers(-1, 50)), n_ctx=st.integers(16, 1024),
        budget=st.one_of(st.none(), st.integers(-1, 2**26), st.sampled_from(["1MiB", "junk", "0"])))
 def test_infllm_configs(tiny_model, block_size, n_init, n_local, topk, rewind, positions, cache_blocks,

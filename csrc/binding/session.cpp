@@ -820,6 +820,8 @@ void register_session(py::module_ & m) {
                                     [](session_params & p, bool v) { p.iparams.absolute = v; })
         .def_property("true_below", [](const session_params & p) { return p.iparams.true_below; },
                                     [](session_params & p, uint32_t v) { p.iparams.true_below = v; })
+        .def_property("packed",     [](const session_params & p) { return p.iparams.packed; },
+                                    [](session_params & p, bool v) { p.iparams.packed = v; })
         .def_property("budget_bytes", [](const session_params & p) { return p.iparams.budget_bytes; },
                                       [](session_params & p, size_t v) { p.iparams.budget_bytes = v; })
         .def_property("cache_blocks", [](const session_params & p) { return p.iparams.cache_blocks; },

@@ -27,6 +27,7 @@ struct infllm_shape_t {
     uint32_t n_ev     = 0;       // blocks that leave the window in this ubatch
     bool     ev_sinks = false;   // the sinks leave the window in this ubatch
     bool     true_pos = false;   // memory keys at their true positions (a ubatch inside params.true_below)
+    bool     packed   = false;   // memory keys packed before the window in their order (params.packed, not true_pos)
 
     infllm_shape_t() = default;
     infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const llama_ubatch & ubatch);
@@ -50,6 +51,10 @@ public:
     ggml_tensor * blk_tneg  = nullptr; // I32 [1, n_blocks]    -(true position of every block's first row) (true_pos)
     ggml_tensor * sink_tpos = nullptr; // I32 [max(bs, n_init)] 0, 1, ..: the sinks' true positions, a row's
                                        //                      offset in its block (true_pos)
+    ggml_tensor * pk_pos    = nullptr; // I32 [bs, n_sel]      packed positions of the rows of the j-th picked block (packed)
+    ggml_tensor * pk_neg    = nullptr; // I32 [1, n_sel]       -(packed position of the j-th picked block's first row) (packed)
+    ggml_tensor * pk_sink   = nullptr; // I32 [n_init]         packed positions of the sinks (packed)
+    ggml_tensor * pk_sneg   = nullptr; // I32 [1]              -(packed position of the first sink) (packed)
     ggml_tensor * blk_bias  = nullptr; // F32 [1, n_blocks]    0 for memory blocks, -inf otherwise
     ggml_tensor * ev_cells  = nullptr; // I32 [n_ev*bs]        ring rows of the blocks leaving the window
     ggml_tensor * ev_pos    = nullptr; // I32 [n_ev*bs]        their -positions (to rotate keys back to 0)
@@ -71,6 +76,16 @@ static uint32_t infllm_n_mem(const llama_infllm_params & p, bool memory, uint32_
     return memory ? p.n_init + n_sel*p.block_size : 0;
 }
 
+// packed positions (params.packed): the n_sel picked blocks, in their order, end where the window
+// starts at ls, the sinks just before them; the j-th block starts at the returned position, the
+// sinks at j = -1 minus n_init - block_size. With every block picked these are the true positions.
+static llama_pos infllm_packed_start(const llama_infllm_params & p, llama_pos ls, uint32_t n_sel, int64_t j) {
+    if (j < 0) {
+        return ls - (llama_pos) (n_sel*p.block_size + p.n_init);
+    }
+    return ls - (llama_pos) ((n_sel - j)*p.block_size);
+}
+
 infllm_shape_t::infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const llama_ubatch & ubatch) {
     const llama_kv_cache_infllm * c = mctx->get_cache();
     if (mctx->is_reserve() || ubatch.pos == nullptr) {
@@ -81,6 +96,7 @@ infllm_shape_t::infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const
         n_ev     = c->n_ev_max;
         ev_sinks = c->params.n_init > 0;
         true_pos = !c->params.absolute && c->params.true_below > 0;   // its inputs and the gather path
+        packed   = !c->params.absolute && c->params.packed && !true_pos;
         return;
     }
     const auto & plan = c->cur;
@@ -93,11 +109,12 @@ infllm_shape_t::infllm_shape_t(const llama_kv_cache_infllm_context * mctx, const
     // positions is one the model was trained on
     true_pos = memory && !c->params.absolute && c->params.true_below > 0 &&
                ubatch.pos[0] + (llama_pos) ubatch.n_tokens <= (llama_pos) c->params.true_below;
+    packed   = memory && !c->params.absolute && c->params.packed && !true_pos;
 }
 
 bool infllm_shape_t::operator==(const infllm_shape_t & o) const {
     return n_ring == o.n_ring && n_sel == o.n_sel && memory == o.memory && n_ev == o.n_ev && ev_sinks == o.ev_sinks &&
-           true_pos == o.true_pos;
+           true_pos == o.true_pos && packed == o.packed;
 }
 
 static const float NEG_INF = -INFINITY;
@@ -136,6 +153,23 @@ void llm_graph_input_attn_infllm::set_input(const llama_ubatch * ubatch) {
     }
     if (used(sink_tpos)) {
         std::iota((int32_t *) sink_tpos->data, (int32_t *) sink_tpos->data + ggml_nelements(sink_tpos), 0);
+    }
+    for (uint32_t j = 0; j < shape.n_sel; ++j) {   // the gather path reads the one, the decode kernel the other
+        const llama_pos s = infllm_packed_start(p, ls, shape.n_sel, j);
+        if (used(pk_pos)) {
+            std::iota((int32_t *) pk_pos->data + (size_t) j*p.block_size, (int32_t *) pk_pos->data + (size_t) (j + 1)*p.block_size,
+                      (int32_t) s);
+        }
+        if (used(pk_neg)) {
+            ((int32_t *) pk_neg->data)[j] = -(int32_t) s;
+        }
+    }
+    if (used(pk_sink)) {
+        std::iota((int32_t *) pk_sink->data, (int32_t *) pk_sink->data + ggml_nelements(pk_sink),
+                  (int32_t) infllm_packed_start(p, ls, shape.n_sel, -1));
+    }
+    if (used(pk_sneg)) {
+        *(int32_t *) pk_sneg->data = -(int32_t) infllm_packed_start(p, ls, shape.n_sel, -1);
     }
 
     // memory rows: all attended; ring cell c holds the latest position < p_end congruent to c
@@ -225,7 +259,19 @@ static std::unique_ptr<llm_graph_input_attn_infllm> infllm_new_input(const llm_g
     if (shape.true_pos) {
         inp->blk_tpos  = input(GGML_TYPE_I32, p.block_size, c->n_blocks, "infllm_blk_tpos");
         inp->blk_tneg  = input(GGML_TYPE_I32, 1, c->n_blocks, "infllm_blk_tneg");
+    }
+    if (shape.true_pos || shape.packed) {
         inp->sink_tpos = input(GGML_TYPE_I32, std::max<int64_t>(p.block_size, p.n_init), 1, "infllm_sink_tpos");
+    }
+    if (shape.packed) {
+        if (shape.n_sel > 0) {
+            inp->pk_pos   = input(GGML_TYPE_I32, p.block_size, shape.n_sel, "infllm_pk_pos");
+            inp->pk_neg   = input(GGML_TYPE_I32, 1, shape.n_sel, "infllm_pk_neg");
+        }
+        if (p.n_init > 0) {
+            inp->pk_sink = input(GGML_TYPE_I32, p.n_init, 1, "infllm_pk_sink");
+        }
+        inp->pk_sneg = input(GGML_TYPE_I32, 1, 1, "infllm_pk_sneg");
     }
     if (shape.n_sel > 0) {
         inp->blk_bias = input(GGML_TYPE_F32, 1, c->n_blocks, "infllm_blk_bias");
@@ -636,6 +682,12 @@ ggml_tensor * llama_infllm_build_attn(
         // ggml-vulkan's top-k shortcut for k = 1 compares float bits as signed integers and
         // prefers -inf to any negative score
         ggml_tensor * ids = n_sel == 1 ? ggml_argmax(ctx0, scores) : ggml_top_k(ctx0, scores, n_sel);
+        if (shape.packed && n_sel > 1) {
+            // packed positions go by the picks' order in the context: the ids sorted (top-k leaves
+            // them in no particular order)
+            ggml_tensor * order = ggml_argsort(ctx0, ggml_cast(ctx0, ids, GGML_TYPE_F32), GGML_SORT_ORDER_ASC);
+            ids = ggml_cont_1d(ctx0, ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, ids, 1, n_sel), order), n_sel);
+        }
         blk_ids = ids;
         if (c->resident) {
             slots = ids;
@@ -654,7 +706,7 @@ ggml_tensor * llama_infllm_build_attn(
 
     // at true positions every memory key has its own rotation: the kernel turns them by their
     // offset in the block, which RoPE does not commute with in the Hadamard basis of quantized K
-    const bool turn = shape.true_pos && rotate;
+    const bool turn = (shape.true_pos || shape.packed) && rotate;
     if (n_q == 1 && c->one_query_kernel && !(turn && c->k_rot) && ggml_is_contiguous(q_att) && q_att->type == GGML_TYPE_F32) {
         // decode step on the CPU backend: our single-query kernel reads the blocks in the pool
         // and the sinks where they are stored, with the query rotated to see them, and the ring
@@ -670,10 +722,12 @@ ggml_tensor * llama_infllm_build_attn(
             if (turn) {
                 // row i of a block that starts at position s scores (R(-s) q) . (R(i) k): a query
                 // per block, and a table of R(0) .. R(max(bs, n_init) - 1) that turns the keys
-                mem.q = q_cur;   // the sinks start at position 0
+                // (true: the sinks start at position 0; packed: the blocks' starts go by their order)
+                mem.q = shape.packed ? infllm_rope(ctx0, rope, q_cur, inp->pk_sneg) : q_cur;
                 if (n_sel > 0) {
                     ggml_tensor * qb = ggml_repeat_4d(ctx0, q_cur, d_k, n_head, n_sel, 1);
-                    mem.q_blocks = infllm_rope(ctx0, rope, qb, ggml_reshape_1d(ctx0, ggml_get_rows(ctx0, inp->blk_tneg, blk_ids), n_sel));
+                    mem.q_blocks = infllm_rope(ctx0, rope, qb, ggml_reshape_1d(ctx0, shape.packed ? inp->pk_neg
+                            : ggml_get_rows(ctx0, inp->blk_tneg, blk_ids), n_sel));
                 }
                 const int64_t n_off = inp->sink_tpos->ne[0];
                 const bool    neox  = rope.mode == GGML_ROPE_TYPE_NEOX;
@@ -705,9 +759,9 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * vb = ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, v_pool, row_v*bs, n_slots), slots);
         kb = ggml_reshape_3d(ctx0, kb, d_k, n_kv_h, n_blk_rows);
         if (rotate) {
-            kb = reposition(kb, shape.true_pos
-                    ? ggml_reshape_1d(ctx0, ggml_get_rows(ctx0, inp->blk_tpos, blk_ids), n_blk_rows)
-                    : ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
+            kb = reposition(kb, shape.true_pos ? ggml_reshape_1d(ctx0, ggml_get_rows(ctx0, inp->blk_tpos, blk_ids), n_blk_rows)
+                              : shape.packed   ? ggml_reshape_1d(ctx0, inp->pk_pos, n_blk_rows)
+                              :                  ggml_view_1d(ctx0, inp->mem_pos, n_blk_rows, 0));
         }
         k_mem_w[0] = ggml_cpy(ctx0, kb, infllm_rows_3d(ctx0, L.k_work, d_k, m0, n_blk_rows));
         v_mem_w[0] = ggml_cpy(ctx0, ggml_reshape_3d(ctx0, vb, d_v, n_kv_h, n_blk_rows),
@@ -718,7 +772,8 @@ ggml_tensor * llama_infllm_build_attn(
         ggml_tensor * ks = infllm_rows_3d(ctx0, k_sinks, d_k, 0, p.n_init);
         if (rotate) {
             ks = reposition(ks, shape.true_pos ? ggml_view_1d(ctx0, inp->sink_tpos, p.n_init, 0)
-                                               : ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
+                              : shape.packed   ? inp->pk_sink
+                              :                  ggml_view_1d(ctx0, inp->mem_pos, p.n_init, 0));
         }
         k_mem_w[1] = ggml_cpy(ctx0, ks, infllm_rows_3d(ctx0, L.k_work, d_k, r0, p.n_init));
         v_mem_w[1] = ggml_cpy(ctx0, infllm_rows_3d(ctx0, v_sinks, d_v, 0, p.n_init),

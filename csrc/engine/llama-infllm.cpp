@@ -177,6 +177,7 @@ llama_infllm_params llama_infllm_default_params(void) {
     p.repr_keys  = 0;
     p.absolute   = false;
     p.true_below = 0;
+    p.packed     = false;
     p.budget_bytes = 0;
     p.cache_blocks = -1;
     p.host_budget  = 0;

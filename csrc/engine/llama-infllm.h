@@ -24,6 +24,9 @@ extern "C" {
         bool     absolute;     // false: memory at one position just before the window; true: true positions
         uint32_t true_below;   // with absolute false: a ubatch whose positions are all below this sees memory
                                // at true positions too (the model's trained context; 0: never)
+        bool     packed;       // with absolute false, where memory is not at true positions: the sinks and the
+                               // picked blocks laid out in their order just before the window, each row at its
+                               // own position (false: every memory row at the one position before the window)
         size_t   budget_bytes; // device bytes the cache may use (0: no bound; cache_blocks sizes the pool)
         int32_t  cache_blocks; // device block slots per layer without a budget (-1: every block); -1 with a budget
         size_t   host_budget;  // host bytes the block store may reach (0: unbounded)

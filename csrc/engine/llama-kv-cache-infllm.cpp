@@ -290,7 +290,8 @@ llama_kv_cache_infllm::llama_kv_cache_infllm(
             resident ? "resident" : "offload", host_desc.c_str());
     LLAMA_LOG_INFO("%s: n_ctx = %u, ring = %u cells, blocks = %u x %u, select %u, n_init = %u, n_local = %u, positions = %s\n",
             __func__, n_ctx, n_ring, n_blocks, params.block_size, n_sel, params.n_init, params.n_local,
-            params.absolute ? "absolute" : "infllm");
+            params.absolute ? "absolute" : params.packed ? (params.true_below > 0 ? "true, then packed" : "packed")
+                                               : (params.true_below > 0 ? "true, then infllm" : "infllm"));
 }
 
 llama_kv_cache_infllm::~llama_kv_cache_infllm() {
