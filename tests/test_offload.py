@@ -62,7 +62,7 @@ def test_device_bytes_stay_within_the_budget(tiny_model, n_ctx):
     assert inf.pool_bytes > 0 and inf.device_bytes >= inf.work_bytes + inf.pool_bytes + inf.repr_bytes
 
 
-@pytest.mark.parametrize("positions", ["infllm", "absolute", "auto"])
+@pytest.mark.parametrize("positions", ["infllm", "absolute", "auto", "packed"])
 def test_offload_does_not_change_results(smollm2, prompt_ids, positions):
     """A pool of only the blocks of one selection (every other pick fetched from the host
     store) and a pool holding every block give bit-identical logits."""
