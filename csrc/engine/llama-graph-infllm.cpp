@@ -77,8 +77,8 @@ static uint32_t infllm_n_mem(const llama_infllm_params & p, bool memory, uint32_
 }
 
 // packed positions (params.packed): the n_sel picked blocks, in their order, end where the window
-// starts at ls, the sinks just before them; the j-th block starts at the returned position, the
-// sinks at j = -1 minus n_init - block_size. With every block picked these are the true positions.
+// starts at ls, the sinks just before them. The start of the j-th block, or with j = -1 of the
+// sinks. With every block picked (and ls on a block boundary) these are the true positions.
 static llama_pos infllm_packed_start(const llama_infllm_params & p, llama_pos ls, uint32_t n_sel, int64_t j) {
     if (j < 0) {
         return ls - (llama_pos) (n_sel*p.block_size + p.n_init);
