@@ -41,6 +41,7 @@ class SessionParams:
     repr_keys: int
     absolute: bool
     true_below: int
+    packed: bool
     budget_bytes: int
     cache_blocks: int
     host_budget: int
