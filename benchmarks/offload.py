@@ -40,9 +40,10 @@ def snapshot(m: pi.Model, n: int) -> dict:
             "callbacks": inf.callbacks, "resident": inf.resident}
 
 
-def growth(model: str, length: int, every: int, budget: int, threads: int) -> list[dict]:
+def growth(model: str, length: int, every: int, budget: int, threads: int, n_gpu_layers: int) -> list[dict]:
     rows = []
-    with pi.Model(model, n_ctx=length + 64, n_threads=threads, kv="infllm", kv_budget=budget) as m:
+    with pi.Model(model, n_ctx=length + 64, n_threads=threads, n_gpu_layers=n_gpu_layers, kv="infllm",
+                  kv_budget=budget) as m:
         prompt = prompt_of(m, length)
         marks = set(range(every, length + 1, every))
 
@@ -56,12 +57,13 @@ def growth(model: str, length: int, every: int, budget: int, threads: int) -> li
     return rows
 
 
-def cost(model: str, length: int, n_gen: int, budgets: dict, threads: int) -> list[dict]:
+def cost(model: str, length: int, n_gen: int, budgets: dict, threads: int, n_gpu_layers: int) -> list[dict]:
     rows = []
     for name, kw in budgets.items():
         budget = kw.get("kv_budget")
         # n_batch = n_ubatch: the last progress interval is one 512-token chunk
-        with pi.Model(model, n_ctx=length + n_gen + 64, n_threads=threads, n_batch=512, kv="infllm", **kw) as m:
+        with pi.Model(model, n_ctx=length + n_gen + 64, n_threads=threads, n_batch=512, n_gpu_layers=n_gpu_layers,
+                      kv="infllm", **kw) as m:
             prompt = prompt_of(m, length)
             stamps = [(0, time.perf_counter())]
             before = {}
@@ -102,17 +104,19 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=8192)
     ap.add_argument("--cost-length", type=int, default=16384)
     ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers (and the cache) on the GPU (-1: all)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model = args.model or str(smollm2_path())
     budget = pi.parse_bytes(args.budget)
 
-    grow = growth(model, args.length, args.every, budget, args.threads)
+    grow = growth(model, args.length, args.every, budget, args.threads, args.n_gpu_layers)
     costs = cost(model, args.cost_length, args.n_gen,
                  {"one selection": dict(infllm=pi.InfLLMConfig(cache_blocks=pi.InfLLMConfig().topk)),
-                  args.budget: dict(kv_budget=budget), "resident (no budget)": {}}, args.threads)
+                  args.budget: dict(kv_budget=budget), "resident (no budget)": {}}, args.threads, args.n_gpu_layers)
 
     meta = {"command": command(), "model": Path(model).name, "threads": args.threads, "budget": args.budget,
+            "n_gpu_layers": args.n_gpu_layers, "gpu_devices": pi.gpu_devices(),
             "infllm_config": dataclasses.asdict(pi.InfLLMConfig()), "machine": machine(),
             "upstream_commit": pi.UPSTREAM_COMMIT, "date": now()}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,8 @@ def main() -> int:
     lines = header(
         "InfLLM host tier: device bytes under a budget, host growth, cost of offload", meta,
         f"threads: {args.threads}, InfLLM defaults ({infllm_defaults()})",
+        f"; layers and cache on {', '.join(d for _, d in meta['gpu_devices'])}, the host store in its host "
+        "buffers" if args.n_gpu_layers else
         " (CPU backend: the \"device\" and the host store are both system RAM; the same code path, "
         "transfers are memcpy)") + [
         "",
