@@ -27,6 +27,7 @@
 #                       default with WHEELHOUSE, where the test model cannot be fetched)
 #   DEPTHS=16384,32768  step 3's depths;  THREADS=8  CPU threads
 #   DEADLINE_S=540      seconds from the start within which the script ends
+#   ONLY_BUILD=1        stop after step 1 (the build), e.g. to run something else on it
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -132,6 +133,7 @@ fi
 note "build: $(( $(date +%s) - t )) s"
 DEVICES=$(cd /tmp && "$PY" -c 'import pyllama_inf as pi; print(pi.gpu_devices())') || die "import"
 note "devices: $DEVICES"
+[ -n "${ONLY_BUILD:-}" ] && exit 0
 
 run_step() {   # run_step NAME SECONDS LOG CMD...: a step under its own time limit, rc noted
     local name=$1 secs=$2 log=$3; shift 3

@@ -33,6 +33,18 @@ def _vulkan_device():
     return None
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model, tmp_path_factory):
+    """conftest's tiny model (head dim 16), or with $PYLLAMA_INF_DEVICE_HEAD_DIM=D one of head
+    dim D (4 heads, 2 KV heads), for a device whose flash attention lacks head dim 16."""
+    head_dim = int(os.environ.get("PYLLAMA_INF_DEVICE_HEAD_DIM", "16"))
+    if head_dim == 16:
+        return tiny_model
+    from pyllama_inf.testing import write_random_llama
+    path = tmp_path_factory.mktemp("models") / f"tiny-hd{head_dim}.gguf"
+    return str(write_random_llama(path, n_embd=4 * head_dim, n_head=4, n_head_kv=2, n_ff=8 * head_dim, seed=1))
+
+
 @pytest.fixture(scope="module", params=["rpc", "gpu"])
 def device(request):
     """Model keyword arguments that put every layer, and the cache, on the device."""
