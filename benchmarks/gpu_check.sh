@@ -12,7 +12,8 @@
 #      cost of offload (benchmarks/offload.py --n-gpu-layers -1).
 # Steps 2-4 each get what is left of DEADLINE_S; a step that fails or runs out of time does not
 # stop the next. OUT_DIR receives at most 8 files: gpu.txt (machine, step times and exit
-# codes), build.log, tests.log, bench.log, infllm_speed.{json,md}, offload.{json,md}.
+# codes), run.log (the steps' output), infllm_speed.{json,md}, offload.{json,md}, and
+# cuda-graphs-off/infllm_speed.{json,md}; build.log only when the build fails.
 #
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]  (default benchmarks/results/gpu)
 #   BACKEND=cuda        or vulkan, or cpu (no GPU: a dry run of everything but the GPU)
@@ -41,7 +42,7 @@ BUILD=build/$BACKEND-check
 DEADLINE=${DEADLINE_S:-540}
 DEPTHS=${DEPTHS:-16384,32768,65536,131072}
 THREADS=${THREADS:-8}
-mkdir -p "$OUT"
+mkdir -p "$OUT" build
 OUT=$(cd "$OUT" && pwd)
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} PYTHONUNBUFFERED=1
 
@@ -126,10 +127,10 @@ step "build ($BACKEND, upstream tools $TOOLS)"
 t=$(date +%s)
 # shellcheck disable=SC2086
 "$PY" -m pip install -v --no-build-isolation --no-deps -e . -Cbuild-dir="$BUILD" \
-    "${BACKEND_OPTS[@]}" -Ccmake.define.PYLLAMA_UPSTREAM_TOOLS=$TOOLS "${CUDA_OPTS[@]}" ${CUDA_CMAKE:-} > "$OUT/build.log" 2>&1 \
-    || { tail -n 60 "$OUT/build.log"; die "build (build.log)"; }
+    "${BACKEND_OPTS[@]}" -Ccmake.define.PYLLAMA_UPSTREAM_TOOLS=$TOOLS "${CUDA_OPTS[@]}" ${CUDA_CMAKE:-} > build/check-build.log 2>&1 \
+    || { cp build/check-build.log "$OUT/build.log"; tail -n 60 "$OUT/build.log"; die "build (build.log)"; }
 if [ "$TOOLS" = ON ]; then
-    cmake --build "$BUILD" --target ggml-rpc-server >> "$OUT/build.log" 2>&1 \
+    cmake --build "$BUILD" --target ggml-rpc-server >> build/check-build.log 2>&1 \
         && mkdir -p build/bin && cp "$BUILD/bin/ggml-rpc-server" build/bin/
 fi
 note "build: $(( $(date +%s) - t )) s"
@@ -152,8 +153,8 @@ run_step() {   # run_step NAME SECONDS LOG CMD...: a step under its own time lim
 # would run on the CPU), and 64 is SmolLM2's
 export PYLLAMA_INF_DEVICE_HEAD_DIM=${DEVICE_HEAD_DIM:-64}
 TESTS=("$PY" -m pytest -q -p no:cacheprovider tests/test_device.py)
-run_step "device tests" $(( $(left) - 240 < 180 ? $(left) - 240 : 180 )) tests.log "${TESTS[@]}"
-run_step "device tests, GGML_CUDA_GRAPH_OPT=1" $(( $(left) - 200 < 120 ? $(left) - 200 : 120 )) tests.log \
+run_step "device tests" $(( $(left) - 240 < 180 ? $(left) - 240 : 180 )) run.log "${TESTS[@]}"
+run_step "device tests, GGML_CUDA_GRAPH_OPT=1" $(( $(left) - 200 < 120 ? $(left) - 200 : 120 )) run.log \
     env GGML_CUDA_GRAPH_OPT=1 "${TESTS[@]}"
 
 # --- 3-4. speed and the host tier ------------------------------------------------------------------
@@ -170,8 +171,12 @@ fi
 MODEL_ARG=()
 [ -n "${MODEL:-}" ] && MODEL_ARG=(--model "$(readlink -f "$MODEL")")
 cd benchmarks
-run_step "speed at $DEPTHS" $(( $(left) - 120 )) bench.log "$PY" infllm_speed.py --depths "$DEPTHS" --n-gen 64 \
+run_step "speed at $DEPTHS" $(( $(left) - 150 )) run.log "$PY" infllm_speed.py --depths "$DEPTHS" --n-gen 64 \
     --reps 2 --threads "$THREADS" --n-gpu-layers -1 "${MODEL_ARG[@]}" --out "$OUT"
-run_step "host tier" $(( $(left) - 5 )) bench.log "$PY" offload.py --length 65536 --every 16384 --cost-length 16384 \
+# InfLLM alone again with ggml-cuda's CUDA graphs off: do graph re-captures cost its decode?
+run_step "InfLLM speed, CUDA graphs off" $(( $(left) - 100 )) run.log env GGML_CUDA_DISABLE_GRAPHS=1 "$PY" \
+    infllm_speed.py --depths 32768 --n-gen 64 --reps 2 --stock none --threads "$THREADS" --n-gpu-layers -1 \
+    "${MODEL_ARG[@]}" --out "$OUT/cuda-graphs-off"
+run_step "host tier" $(( $(left) - 5 )) run.log "$PY" offload.py --length 65536 --every 16384 --cost-length 16384 \
     --n-gen 64 --threads "$THREADS" --n-gpu-layers -1 "${MODEL_ARG[@]}" --out "$OUT"
 step "done: $OUT"
