@@ -15,11 +15,13 @@ from pyllama_inf.bench import cpu_name, filler_prompt
 
 
 def project_commit() -> str:
-    """The checkout's commit ("+changes" when the tree differs from it); outside git (a copy of
-    the tree), $PYLLAMA_INF_COMMIT where set, else "unknown"."""
+    """$PYLLAMA_INF_COMMIT where set (a copy of the tree, whose .git, if any, may be stale: the
+    first GPU run's files named the session's first commit), else the checkout's commit
+    ("+changes" when the tree differs from it), "unknown" outside git."""
+    explicit = os.environ.get("PYLLAMA_INF_COMMIT")
+    if explicit:
+        return explicit
     repo = Path(__file__).resolve().parent.parent
-    if not (repo / ".git").exists():
-        return os.environ.get("PYLLAMA_INF_COMMIT", "unknown")
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
