@@ -30,6 +30,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def n_rows(out: Path) -> int:
+    """How many results OUT holds: finished trials plus loss points (both files only grow)."""
+    return sum(len(read_jsonl(out / name)) for name in ("records.jsonl", "ppl.jsonl"))
+
+
+def runs_that_added(runs: list[dict], rows_now: int) -> list[dict]:
+    """The runs of runs.jsonl that added results: a run's rows are those counted before the next
+    run started (or now, for the last). Runs recorded without a count are all kept."""
+    after = [r.get("rows_before") for r in runs[1:]] + [rows_now]
+    return [r for r, end in zip(runs, after)
+            if r.get("rows_before") is None or end is None or end > r["rows_before"]]
+
+
 def ppl_runs(model: str, caches: list[str], contexts: list[int], target: int, threads: int, full_max: int,
              infllm: pi.InfLLMConfig, out: Path, ends: list[int]) -> list[dict]:
     path = out / "ppl.jsonl"
@@ -165,7 +178,7 @@ def main() -> int:
             "upstream_commit": pi.UPSTREAM_COMMIT}
     if args.lengths or args.ppl_contexts:   # a run that only rewrites the tables is not one of them
         with open(args.out / "runs.jsonl", "a") as f:
-            f.write(json.dumps(meta) + "\n")
+            f.write(json.dumps({**meta, "rows_before": n_rows(args.out)}) + "\n")
 
     if args.lengths:
         summaries = evals.evaluate(model, caches=caches, tasks=args.tasks.split(","),
@@ -183,13 +196,13 @@ def main() -> int:
     else:
         ppl = read_jsonl(args.out / "ppl.jsonl")
 
-    runs = read_jsonl(args.out / "runs.jsonl")
+    runs = runs_that_added(read_jsonl(args.out / "runs.jsonl"), n_rows(args.out))
     lines = header("Long-context quality: retrieval tasks and loss on a long text", meta,
                    f"trained context {full_max}, greedy, {args.threads} threads; InfLLM "
                    f"{'defaults' if infllm == pi.InfLLMConfig() else 'settings'} ({infllm_defaults(infllm)}); "
                    "stock cache with flash attention, only up to the trained context") + [
         "- runs that wrote these results (commit, date, CPU, command; each adds the trials it names that are "
-        "not there yet):"] + [f"  - {r['machine']['commit']} {r['date']}, {r['machine']['cpu']}: `{r['command']}`"
+        "not there yet; runs that found everything done are left out):"] + [f"  - {r['machine']['commit']} {r['date']}, {r['machine']['cpu']}: `{r['command']}`"
                                for r in runs] + [""]
     if summaries:
         lines += ["## Retrieval tasks (exact match; `pyllama_inf.evals`)", "",

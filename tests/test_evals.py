@@ -254,19 +254,37 @@ def test_kjv_text_when_installed():
     assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
 
 
-def test_quality_goal_verdicts():
-    """benchmarks/quality.py's goal table: each verdict follows from the counts by arithmetic
-    (19/20 = 95% meets the passkey goal, 18/20 does not; 6/6 stock vs 5/6 InfLLM is a 16.7-point
-    gap, over 10; 4/6 at 8K vs 3/6 at 32K is 16.7 points lower; recall 2/4 vs 1.5/4 is 12.5)."""
+def _quality_script():
+    """benchmarks/quality.py as a module."""
     import importlib
     import sys
     from pathlib import Path
     bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
     sys.path.insert(0, bench)
     try:
-        quality = importlib.import_module("quality")
+        return importlib.import_module("quality")
     finally:
         sys.path.remove(bench)
+
+
+def test_quality_run_list_leaves_out_runs_that_added_nothing(tmp_path):
+    """quality.md lists a run only if the results grew before the next run started: here the
+    rows go 0 -> 3 (run a), 3 -> 3 (run b, nothing), 3 -> 5 (run c, and two now); a run
+    recorded without a count (older files) is kept."""
+    quality = _quality_script()
+    for name, n in (("records.jsonl", 4), ("ppl.jsonl", 1)):
+        (tmp_path / name).write_text("".join('{"i": %d}\n' % i for i in range(n)))
+    assert quality.n_rows(tmp_path) == 5
+    runs = [{"c": "old"}, {"c": "a", "rows_before": 0}, {"c": "b", "rows_before": 3},
+            {"c": "c", "rows_before": 3}, {"c": "d", "rows_before": 5}]
+    assert [r["c"] for r in quality.runs_that_added(runs, quality.n_rows(tmp_path))] == ["old", "a", "c"]
+
+
+def test_quality_goal_verdicts():
+    """benchmarks/quality.py's goal table: each verdict follows from the counts by arithmetic
+    (19/20 = 95% meets the passkey goal, 18/20 does not; 6/6 stock vs 5/6 InfLLM is a 16.7-point
+    gap, over 10; 4/6 at 8K vs 3/6 at 32K is 16.7 points lower; recall 2/4 vs 1.5/4 is 12.5)."""
+    quality = _quality_script()
     S = evals.EvalSummary
     rows = {line.split(" | ")[1]: line for line in quality.goal_lines([
         S("m", "infllm", "passkey", 4096, 19, 20), S("m", "infllm", "passkey", 8192, 18, 20),
