@@ -105,7 +105,7 @@ def goal_lines(summaries: list[evals.EvalSummary]) -> list[str]:
         s = acc.get((model, task, cache, n))
         if s is None:
             return "not run"
-        return f"recall {s.recall:.0%} ({s.trials} prompts)" if task in evals.MULTI_ANSWER else \
+        return f"recall {s.recall:.0%} ({s.trials} prompt{'s' if s.trials != 1 else ''})" if task in evals.MULTI_ANSWER else \
             f"{s.accuracy:.0%} ({s.correct}/{s.trials})"
 
     def points(model: str, task: str, cache: str, n: int) -> float | None:
