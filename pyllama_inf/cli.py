@@ -299,6 +299,8 @@ def _perplexity(args) -> None:
             raise ValueError(f"unknown cache {c!r}; choose from {', '.join(evals.CACHES)}")
     if not contexts:
         raise ValueError("--contexts must name at least one length")
+    if args.target < 1 or contexts[0] <= args.target:
+        raise ValueError(f"every context must be longer than --target ({args.target}), got {contexts}")
     if args.text is not None:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()

@@ -243,6 +243,10 @@ def test_eval_and_perplexity_commands(tiny_model, tmp_path, capsys):
     assert [p["context"] for p in pts] == [512, 768] and all(p["nll"] > 0 for p in pts)
     assert main(["eval", "-m", tiny_model, "--tasks", "nope", "--out", str(out)]) == 1
     assert "unknown task" in capsys.readouterr().err
+    # a context no longer than the scored tokens is refused before the text is read or a model loads
+    assert main(["perplexity", "-m", tiny_model, "--text", str(tmp_path / "missing.txt"), "--contexts", "0,512",
+                 "--target", "128"]) == 1
+    assert "longer than --target (128)" in capsys.readouterr().err
 
 
 def test_kjv_text_when_installed():
