@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -168,6 +169,7 @@ def main() -> int:
                     help="InfLLMConfig fields that differ from the defaults, e.g. n_local=1024,repr_keys=8")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a killed grid still removes its saved contexts
     fetch = {"smollm2": smollm2_path, "gemma3": gemma3_270m_path}.get(args.model)
     model = str(fetch()) if fetch else args.model
     caches = [c for c in args.caches.split(",") if c]

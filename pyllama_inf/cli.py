@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from ._model import CACHE_TYPES, Model
@@ -330,11 +332,35 @@ def _perplexity(args) -> None:
             print(f"| {p.cache} | {p.context} | {p.nll:.4f} | {p.ppl:.3f} |")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread as soon as Python code runs (a long native call checks
+    for signals every 50 ms), so that ``with`` blocks close models and remove scratch files."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``pyllama-inf`` command; returns the exit status."""
+    """Entry point of the ``pyllama-inf`` command; returns the exit status (1 for an error, 130
+    after Ctrl-C, 143 after SIGTERM; both stop it cleanly, keeping what ``eval`` finished)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s %(levelname)s: %(message)s")
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    except _Terminated:
+        print("\npyllama-inf: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     try:
         if args.command == "generate":
             if (args.prompt is None) == (args.file is None):

@@ -249,6 +249,31 @@ def test_eval_and_perplexity_commands(tiny_model, tmp_path, capsys):
     assert "longer than --target (128)" in capsys.readouterr().err
 
 
+def test_eval_command_stops_cleanly_on_sigterm(tiny_model, tmp_path):
+    """A killed grid job (SIGTERM, as from kill or a batch system) removes its saved contexts,
+    which reach gigabytes at 128K, and exits 143; the trials it finished stay in records.jsonl."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    cmd = [sys.executable, "-c", "import sys; from pyllama_inf.cli import main; sys.exit(main())", "eval", "-m", tiny_model, "--tasks", "passkey", "--lengths", "4000",
+           "--depths", "0.1,0.5,0.9", "--trials", "2", "--caches", "infllm", "--scratch-dir", str(scratch),
+           "--out", str(tmp_path / "ev")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(scratch.glob("*/*.state")):      # the first saved context: the run is mid-way
+        assert proc.poll() is None and time.monotonic() < deadline, "no saved context appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated" in err and list(scratch.iterdir()) == []
+    records = tmp_path / "ev" / "records.jsonl"
+    assert (len(evals.read_records(records)) if records.exists() else 0) < 6   # it stopped mid-way
+
+
 def test_kjv_text_when_installed():
     try:
         text = evals.kjv_text()
