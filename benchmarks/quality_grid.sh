@@ -34,8 +34,9 @@ step1() {  # a first pass over every cell, the shortest lengths first
   q --tasks $EASY --lengths 16384,32768 --depths $D3 --trials 2
   q --tasks $HARD --lengths 16384,32768 --depths 0.5 --trials 1
   q --lengths '' --ppl-contexts 4096,8192,16384,32768,65536
-  # one call for both lengths: the filler before the first needle is shared across lengths too
-  q --tasks $EASY --lengths 65536,131072 --depths $D3 --trials 1
+  # one depth first (a 128K prompt takes about half an hour); step 4 adds the others. One call
+  # for both lengths: the filler before the first needle is shared across lengths too
+  q --tasks $EASY --lengths 65536,131072 --depths 0.5 --trials 1
   q --tasks $HARD --lengths 65536 --depths 0.5 --trials 1
 }
 step2() {  # more prompts for the two tasks whose recall separates the caches in the window (the
@@ -46,7 +47,7 @@ step3() {  # more prompts where the passkey and multikey goals are judged, to 32
   q --tasks $EASY --lengths 4096,8192 --depths $D5 --trials 2
   q --tasks $EASY --lengths 16384,32768 --depths $D5 --trials 2
 }
-step4() {  # and at 64K and 128K
+step4() {  # and at 64K and 128K (SmolLM2's first pass also ran depths 0.1 and 0.9 there)
   q --tasks $EASY --lengths 65536,131072 --depths $D5 --trials 1
 }
 
