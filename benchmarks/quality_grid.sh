@@ -31,8 +31,9 @@ D5=0.1,0.3,0.5,0.7,0.9
 step1() {  # a first pass over every cell, the shortest lengths first
   q --tasks $EASY --lengths 4096,8192 --depths $D3 --trials 2
   q --tasks $HARD --lengths 4096,8192 --depths $D3 --trials 1
-  q --tasks $EASY --lengths 16384,32768 --depths $D3 --trials 2
-  q --tasks $HARD --lengths 16384,32768 --depths 0.5 --trials 1
+  # one depth of every task first, in one call (the filler before depth 0.5 is shared); step 3
+  # adds the other depths and trials of passkey and multikey
+  q --tasks $EASY,$HARD --lengths 16384,32768 --depths 0.5 --trials 1
   q --lengths '' --ppl-contexts 4096,8192,16384,32768,65536
   # one depth first (a 128K prompt takes about half an hour); step 4 adds the others. One call
   # for both lengths: the filler before the first needle is shared across lengths too
@@ -45,6 +46,7 @@ step2() {  # more prompts for the two tasks whose recall separates the caches in
 }
 step3() {  # more prompts where the passkey and multikey goals are judged, to 32K
   q --tasks $EASY --lengths 4096,8192 --depths $D5 --trials 2
+  q --tasks $EASY --lengths 16384,32768 --depths $D3 --trials 2
   q --tasks $EASY --lengths 16384,32768 --depths $D5 --trials 2
 }
 step4() {  # and at 64K and 128K (SmolLM2's first pass also ran depths 0.1 and 0.9 there)

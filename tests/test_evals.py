@@ -333,3 +333,27 @@ def test_quality_goal_verdicts():
     assert rows["vartrack: InfLLM within 10 points of stock at 8192"].endswith("| **not met** |")
     assert rows["vartrack: InfLLM at 32768 no more than 10 points below 8192"].endswith("| not run yet |")
     assert not any(k.startswith("multivalue") for k in rows)
+
+
+def test_quality_goal_names_the_stock_drop_inside_a_long_trained_context():
+    """Where the stock cache ran at 32K too (Gemma 3's trained context), the 32K goal row
+    gives its number, and says the drop is the model's own only when full attention drops by
+    more than 10 points from 8K and InfLLM stays within 10 of it at 32K: multivalue recall
+    2/4 -> 1/4 with either cache (25 points, both); kv 4/6 -> 2/6 for InfLLM but 4/6 -> 4/6
+    for stock (no such note); the verdict itself stays InfLLM 8K vs InfLLM 32K."""
+    quality = _quality_script()
+    S = evals.EvalSummary
+    rows = {line.split(" | ")[1]: line for line in quality.goal_lines([
+        S("m", "full", "multivalue", 8192, 0, 4, 2.0), S("m", "infllm", "multivalue", 8192, 0, 4, 2.0),
+        S("m", "full", "multivalue", 32768, 0, 4, 1.0), S("m", "infllm", "multivalue", 32768, 0, 4, 1.0),
+        S("m", "full", "kv", 8192, 4, 6), S("m", "infllm", "kv", 8192, 4, 6),
+        S("m", "full", "kv", 32768, 4, 6), S("m", "infllm", "kv", 32768, 2, 6)]) if line.startswith("| m |")}
+    mv = rows["multivalue: InfLLM at 32768 no more than 10 points below 8192"]
+    assert "stock at 32768 recall 25% (4 prompts)" in mv and "the model's own loss" in mv
+    assert mv.endswith("| **not met** |")
+    kv = rows["kv: InfLLM at 32768 no more than 10 points below 8192"]
+    assert "stock at 32768 67% (4/6)" in kv and "the model's own loss" not in kv
+    assert kv.endswith("| **not met** |")
+    # without a stock cell at 32K (SmolLM2) the row is as before
+    assert "stock at 32768" not in quality.goal_lines([
+        S("m", "infllm", "kv", 8192, 4, 6), S("m", "infllm", "kv", 32768, 2, 6)])[-2]
